@@ -1,0 +1,9 @@
+"""qtool's Triton kernels, installed as ``qtool.kernels`` (never as a top-level ``kernels`` package).
+
+Nothing is imported eagerly: ``import qtool`` must not import Triton. Each module pairs a kernel with its
+pure-PyTorch twin in ``qtool.reference`` (same arguments, same results):
+
+- ``quant_4bit``: ``quantize_4bit`` / ``dequantize_4bit`` (NF4, FP4, blockwise absmax)
+- ``double_quant``: ``quantize_absmax`` / ``dequantize_absmax`` (nested 8-bit absmax)
+- ``quant_8bit``: ``quantize_8bit_rowwise`` / ``dequantize_8bit_rowwise`` (LLM.int8 weights)
+"""

@@ -1,0 +1,76 @@
+"""Helpers shared by qtool's Triton kernels. No driver or device query runs at import time.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) kernels run in Triton's interpreter, which differs from the GPU in ways
+that matter to bit-exact codecs (../shared/docs/cpu-testing.md §2): bf16 stores truncate instead of rounding, and
+each program instance costs ~4 ms, so tiles are large and bf16 outputs are rounded by hand (``store_rounded``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def is_interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (read when the kernel modules are imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+INTERPRETING = is_interpreting()
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors only under the interpreter; say which is wrong."""
+    for t in tensors:
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and INTERPRETING:
+            continue
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors (got a {t.device.type} tensor); use backend='torch' on CPU, "
+            "or set TRITON_INTERPRET=1 before importing qtool.kernels to run them in Triton's interpreter"
+        )
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make t's GPU the current one for the launch (Triton launches on the current CUDA device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch_options() -> dict:
+    """Keyword options for every codec launch.
+
+    Floating-point contraction is off: ``a * b + c`` must round twice, as PyTorch (the reference) and bnb do;
+    a fused multiply-add changes the last bit (e.g. the double-quant absmax rebuild). The interpreter never fuses.
+    """
+    return {} if INTERPRETING else {"enable_fp_fusion": False}
+
+
+def output_view(out: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel stores into: bf16 outputs are written as int16 bit patterns under the interpreter."""
+    if INTERPRETING and out.dtype == torch.bfloat16:
+        return out.view(torch.int16)
+    return out
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, BF16_BITS: tl.constexpr):
+    """Store float32 x into ptr's dtype with round-to-nearest-even.
+
+    With BF16_BITS, ptr is an int16 view of a bf16 tensor and the rounding is done on the bits: the interpreter's
+    fp32 -> bf16 cast truncates (32,543 of 65,536 values wrong, cpu-testing.md §2.2). Values here are finite.
+    """
+    if BF16_BITS:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        tl.store(ptr, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+def bf16_bits(out: torch.Tensor) -> bool:
+    return INTERPRETING and out.dtype == torch.bfloat16

@@ -1,0 +1,129 @@
+"""LLM.int8 row-wise weight quantize and dequantize as Triton kernels.
+
+Bit-exact twins of ``qtool.reference.quant8``. Quantize: one program handles ``ROWS`` rows, in two passes over K
+(row absmax, then codes) of ``BLOCK_K`` columns. Dequantize: a 2-D grid of [ROWS, BLOCK_K] tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtool.reference.quant8 import INV_127, check_8bit_args
+
+from ._common import bf16_bits, check_device, device_guard, launch_options, output_view, store_rounded
+
+# 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude < 2**22 to an integer, half to even
+# (IEEE round-to-nearest-even addition). libdevice.rint does the same on the GPU but not in the interpreter.
+_RNE_MAGIC = tl.constexpr(12582912.0)
+_INV_127 = tl.constexpr(INV_127)
+
+DEFAULT_TILE = 16384
+
+
+@triton.jit
+def _quantize_8bit_rowwise_kernel(
+    w_ptr,  # *fp32|fp16|bf16 [N, K], row-major
+    q_ptr,  # *i8 [N, K]
+    scb_ptr,  # *fp32 [N]
+    N,
+    K,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # One program: ROWS rows -> their SCB and int8 codes.
+    offs_n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    mask_n = offs_n < N
+    absmax = tl.zeros([ROWS], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        # bnb's Int8Params quantizes the float16 cast of every weight dtype.
+        x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
+        absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    # bnb CUDA: scale = 127 * reciprocal(SCB); here the reciprocal is IEEE-rounded, as in the reference.
+    scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
+        v = x.to(tl.float32) * scale[:, None]
+        r = (v + _RNE_MAGIC) - _RNE_MAGIC
+        # NaN (zero row: 0 * inf; inf row: inf * 0) becomes 0, as CUDA's float-to-int conversion does.
+        r = tl.where(v != v, 0.0, r)
+        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], r.to(tl.int8), mask=mask)
+    tl.store(scb_ptr + offs_n, absmax, mask=mask_n)
+
+
+@triton.jit
+def _dequantize_8bit_rowwise_kernel(
+    q_ptr,  # *i8 [N, K]
+    scb_ptr,  # *fp32 [N]
+    out_ptr,  # *fp32|fp16|bf16 [N, K] (an int16 view of bf16 under the interpreter)
+    N,
+    K,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    # One program: a [ROWS, BLOCK_K] tile -> (q * SCB) * INV_127, two float32 roundings as bnb.
+    offs_n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs_k = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    offs = offs_n[:, None] * K + offs_k[None, :]
+    q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
+    scb = tl.load(scb_ptr + offs_n, mask=offs_n < N, other=0.0)
+    store_rounded(out_ptr + offs, (q * scb[:, None]) * _INV_127, mask, BF16_BITS)
+
+
+def _tile_shape(N: int, K: int, tile: int | None) -> tuple[int, int]:  # noqa: N803
+    block_k = min(triton.next_power_of_2(K), 4096)
+    rows = min(triton.next_power_of_2(max(1, (tile or DEFAULT_TILE) // block_k)), triton.next_power_of_2(N))
+    return rows, block_k
+
+
+def quantize_8bit_rowwise(weight: torch.Tensor, *, tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``qtool.reference.quant8.quantize_8bit_rowwise_ref``: int8 [N, K] and float32 SCB [N]."""
+    check_8bit_args(weight)
+    check_device(weight)
+    w = weight.contiguous()
+    N, K = w.shape  # noqa: N806
+    q = torch.empty((N, K), dtype=torch.int8, device=w.device)
+    scb = torch.empty(N, dtype=torch.float32, device=w.device)
+    rows, block_k = _tile_shape(N, K, tile)
+    with device_guard(w):
+        _quantize_8bit_rowwise_kernel[(triton.cdiv(N, rows),)](
+            w, q, scb, N, K, ROWS=rows, BLOCK_K=block_k, **launch_options()
+        )
+    return q, scb
+
+
+def dequantize_8bit_rowwise(
+    weight_int8: torch.Tensor,
+    SCB: torch.Tensor,  # noqa: N803
+    *,
+    dtype: torch.dtype,
+    tile: int | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``qtool.reference.quant8.dequantize_8bit_rowwise_ref``: dtype [N, K]."""
+    if weight_int8.dim() != 2 or SCB.numel() != weight_int8.shape[0]:
+        raise ValueError(f"int8 weight {tuple(weight_int8.shape)} and SCB {tuple(SCB.shape)} do not match")
+    check_device(weight_int8, SCB)
+    q = weight_int8.contiguous()
+    N, K = q.shape  # noqa: N806
+    out = torch.empty((N, K), dtype=dtype, device=q.device)
+    rows, block_k = _tile_shape(N, K, tile)
+    with device_guard(q):
+        _dequantize_8bit_rowwise_kernel[(triton.cdiv(N, rows), triton.cdiv(K, block_k))](
+            q,
+            SCB.to(torch.float32).contiguous(),
+            output_view(out),
+            N,
+            K,
+            ROWS=rows,
+            BLOCK_K=block_k,
+            BF16_BITS=bf16_bits(out),
+            **launch_options(),
+        )
+    return out

@@ -1,0 +1,1 @@
+"""qtool's command line: Typer commands that parse, call the API and print."""

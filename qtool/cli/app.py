@@ -1,0 +1,64 @@
+"""The root ``qtool`` command: registers the subcommands and turns errors into one-line messages.
+
+Start-up stays fast: torch, Triton and the API are imported inside command bodies, never at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from qtool import __version__
+from qtool.errors import QtoolError
+
+app = typer.Typer(
+    name="qtool",
+    help="Quantize Hugging Face checkpoints to the bitsandbytes 4-bit / 8-bit format, with Triton kernels, and back.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+    # Plain output and no locals in tracebacks: a --token must never reach the terminal.
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print qtool's version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
+) -> None:
+    """Quantize Hugging Face checkpoints to the bitsandbytes 4-bit / 8-bit format, with Triton kernels, and back."""
+
+
+@app.command()
+def env() -> None:
+    """Print the versions, GPU and kernel mode qtool sees (paste this into bug reports)."""
+    from qtool.environment import describe
+
+    for key, value in describe().items():
+        typer.echo(f"{key}: {value}")
+
+
+def main() -> None:
+    """Entry point: run the app; a QtoolError prints `error: ...` (and `hint: ...`) and exits 1."""
+    try:
+        app()
+    except QtoolError as exc:
+        if os.environ.get("QTOOL_DEBUG") == "1":
+            raise
+        typer.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            typer.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(1)

@@ -1,0 +1,148 @@
+"""One weight in, its bitsandbytes state-dict entries out, and back: ``quantize_tensor`` / ``dequantize_tensor``.
+
+Chooses the backend: the Triton kernels (``qtool.kernels``, GPU, or the CPU interpreter) or their pure-PyTorch
+twins (``qtool.reference``). Both give the same bytes. Later stages (the checkpoint pipeline) build on these two.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Literal
+
+import torch
+
+from qtool.formats import bnb4, bnb8
+from qtool.reference import codebooks
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _kernel(module: str) -> ModuleType:
+    # Imported on first use: `import qtool` (and the CLI's --help) must not import Triton.
+    return importlib.import_module(f"qtool.kernels.{module}")
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> str:
+    """ "auto" is Triton for CUDA tensors and the PyTorch reference elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _ops(backend: str) -> dict:
+    if backend == "triton":
+        q4, dq, q8 = _kernel("quant_4bit"), _kernel("double_quant"), _kernel("quant_8bit")
+        return {
+            "quantize_4bit": q4.quantize_4bit,
+            "dequantize_4bit": q4.dequantize_4bit,
+            "quantize_absmax": dq.quantize_absmax,
+            "dequantize_absmax": dq.dequantize_absmax,
+            "quantize_8bit_rowwise": q8.quantize_8bit_rowwise,
+            "dequantize_8bit_rowwise": q8.dequantize_8bit_rowwise,
+        }
+    from qtool.reference import double_quant, quant4, quant8
+
+    return {
+        "quantize_4bit": quant4.quantize_4bit_ref,
+        "dequantize_4bit": quant4.dequantize_4bit_ref,
+        "quantize_absmax": double_quant.quantize_absmax_ref,
+        "dequantize_absmax": double_quant.dequantize_absmax_ref,
+        "quantize_8bit_rowwise": quant8.quantize_8bit_rowwise_ref,
+        "dequantize_8bit_rowwise": quant8.dequantize_8bit_rowwise_ref,
+    }
+
+
+def quantize_tensor(
+    weight: torch.Tensor,
+    *,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    blocksize: int = 64,
+    backend: Backend = "auto",
+) -> dict[str, torch.Tensor]:
+    """Quantize one Linear weight into the state-dict entries bitsandbytes saves for it.
+
+    Args:
+        weight: float32 / float16 / bfloat16. 4-bit takes any shape; 8-bit takes [N, K].
+        bits: 4 (blockwise NF4/FP4, QLoRA) or 8 (LLM.int8 row-wise).
+        quant_type: "nf4" or "fp4" (4-bit only).
+        double_quant: also quantize the absmax to 8 bits (4-bit only; ~0.4 bits per parameter less).
+        blocksize: elements per absmax, a power of two from 32 to 4096 (4-bit only; bnb's loaders use 64).
+        backend: "triton", "torch" (the reference) or "auto" (Triton for CUDA tensors).
+
+    Returns:
+        Entries keyed relative to the module, on the weight's device. 4-bit: ``weight`` (uint8 [(n+1)//2, 1]),
+        ``weight.absmax``, ``weight.quant_map``, with double quant ``weight.nested_absmax`` and
+        ``weight.nested_quant_map``, and ``weight.quant_state.bitsandbytes__<quant_type>`` (JSON as uint8).
+        8-bit: ``weight`` (int8 [N, K]), ``SCB`` (float32 [N]) and ``weight_format`` (uint8 0).
+    """
+    ops = _ops(resolve_backend(backend, weight.device))
+    if bits == 8:
+        if quant_type != "nf4" or double_quant or blocksize != 64:
+            raise ValueError("quant_type, double_quant and blocksize apply to 4-bit only; 8-bit is row-wise")
+        return bnb8.encode(*ops["quantize_8bit_rowwise"](weight))
+    if bits != 4:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    packed, absmax = ops["quantize_4bit"](weight, quant_type=quant_type, blocksize=blocksize)
+    state = bnb4.QuantState4bit(
+        quant_type=quant_type,
+        blocksize=blocksize,
+        dtype=weight.dtype,
+        shape=tuple(weight.shape),
+        absmax=absmax,
+        quant_map=codebooks.quant_map(quant_type, weight.device),
+    )
+    if double_quant:
+        state.absmax, state.nested_absmax, offset = ops["quantize_absmax"](absmax)
+        state.nested_quant_map = codebooks.dynamic_map(weight.device)
+        state.nested_offset = offset.item()
+    return bnb4.encode(packed, state)
+
+
+def dequantize_tensor(
+    entries: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None, backend: Backend = "auto"
+) -> torch.Tensor:
+    """Rebuild the dense weight from a layer's bitsandbytes entries (qtool's or bnb's own).
+
+    Args:
+        entries: as returned by ``quantize_tensor`` or read from a checkpoint, keyed relative to the module.
+        dtype: output dtype; default: 4-bit the dtype recorded in the quant state, 8-bit float16 (bnb quantizes
+            the float16 cast of the weight and records no dtype).
+        backend: as in ``quantize_tensor``.
+
+    Returns:
+        The weight in its original shape. Values equal bitsandbytes' own dequantization of the same bytes.
+    """
+    if bnb4.is_4bit(entries):
+        packed, state = bnb4.decode(entries)
+        ops = _ops(resolve_backend(backend, packed.device))
+        absmax = state.absmax
+        if state.double_quant:
+            absmax = ops["dequantize_absmax"](
+                absmax,
+                state.nested_absmax,
+                state.nested_quant_map,
+                state.nested_offset,
+                nested_blocksize=state.nested_blocksize,
+            )
+        return ops["dequantize_4bit"](
+            packed,
+            absmax,
+            state.quant_map,
+            blocksize=state.blocksize,
+            shape=state.shape,
+            dtype=dtype or state.dtype,
+        )
+    if bnb8.is_8bit(entries):
+        weight_int8, scb = bnb8.decode(entries)
+        ops = _ops(resolve_backend(backend, weight_int8.device))
+        return ops["dequantize_8bit_rowwise"](weight_int8, scb, dtype=dtype or torch.float16)
+    raise ValueError(f"not a bitsandbytes 4-bit or 8-bit layer: entries {sorted(entries)}")
+
+
+__all__ = ["quantize_tensor", "dequantize_tensor"]

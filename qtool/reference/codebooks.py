@@ -1,0 +1,119 @@
+"""The code tables of the bitsandbytes format and the decision thresholds that choose a code.
+
+Every table here is part of the on-disk format (``weight.quant_map``, ``weight.nested_quant_map``) or pins a
+rounding rule; ../shared/docs/bnb-format.md §1.4-1.7 gives the provenance of each number. Tables are built as
+float32 tensors exactly as bitsandbytes builds them, so that the bytes we write equal the bytes it writes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# NF4 values by code (sorted ascending), the QLoRA normal-float table. Stored as float32; the decimal literals
+# below round to the fp32 values bnb writes (hex checked in tests/reference/test_codebooks.py).
+NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+
+# FP4 (1 sign bit, 2 exponent bits, 1 mantissa bit) in bit-pattern order: bit 3 is the sign. bnb divides the
+# integers by 12 in float32. Index 8 is +0.0: bnb writes the int literal -0, which is 0.
+FP4_NUMERATORS = (0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3)
+
+# FP4 as bnb's CUDA kernel (dQuantizeFP4) chooses it, which is what users run: the sign bit is set iff s < 0
+# (so -0.0 and NaN are positive), then |s| is compared with `>` against these float literals. k = #{t < |s|}
+# indexes FP4_MAGNITUDE_CODES. Ties go to the smaller magnitude. bnb's CPU path sorts the signed table instead
+# and sends ties to the lower value and small positives to code 8; the two differ in ~1.2% of bytes (bnb-format.md
+# §1.5, measured on an H100). We follow CUDA.
+FP4_THRESHOLDS = (0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333)
+FP4_MAGNITUDE_CODES = (0, 1, 6, 7, 4, 5, 2, 3)
+
+# bnb's CUDA dQuantizeNF4 compares s with `>` against 15 float literals. They are bit-identical to the float32
+# midpoints of NF4_VALUES (a test pins this), so code = #{midpoint < s}, which is torch.bucketize(right=False).
+NF4_CUDA_THRESHOLDS = (
+    -0.8480964004993439,
+    -0.6106329262256622,
+    -0.4599952697753906,
+    -0.33967943489551544,
+    -0.23460740596055984,
+    -0.13791173323988914,
+    -0.045525018125772476,
+    0.03979014977812767,
+    0.1202552504837513,
+    0.2035212516784668,
+    0.2920137718319893,
+    0.3893125355243683,
+    0.5016634166240692,
+    0.6427869200706482,
+    0.8614784181118011,
+)
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+
+
+@functools.cache
+def _quant_map_cpu(quant_type: str) -> torch.Tensor:
+    if quant_type == "nf4":
+        return torch.tensor(NF4_VALUES, dtype=torch.float32)
+    if quant_type == "fp4":
+        # Divide in float32, as bnb does (torch.tensor(ints) / 12 would round differently in float64).
+        return torch.tensor(FP4_NUMERATORS, dtype=torch.float32) / torch.tensor(12.0, dtype=torch.float32)
+    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def quant_map(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-entry float32 table of ``quant_type`` ("nf4" or "fp4"), index = code: ``weight.quant_map``."""
+    return _quant_map_cpu(quant_type).to(device)
+
+
+def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 midpoints between consecutive NF4 values, [15]; code = number of midpoints strictly below s."""
+    v = quant_map("nf4", device)
+    return (v[:-1] + v[1:]) / 2
+
+
+def fp4_thresholds(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32, device=device)
+
+
+def fp4_magnitude_codes(device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor(FP4_MAGNITUDE_CODES, dtype=torch.uint8, device=device)
+
+
+@functools.cache
+def _dynamic_map_cpu() -> torch.Tensor:
+    # bnb's create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for each exponent i the midpoints
+    # of linspace(0.1, 1, 2**i + 1) scaled by 10**(i - 6), both signs, plus 0 and 1. Products are float32 tensor
+    # products (float64 changes 30 entries), so the linspace and the scale stay float32 here.
+    values: list[torch.Tensor] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2
+        scale = 10 ** (i - 6)
+        values.append(scale * means)
+        values.append(-scale * means)
+    table = torch.cat([*values, torch.tensor([0.0, 1.0])]).to(torch.float32)
+    return torch.sort(table).values
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The signed 8-bit dynamic map (256 float32 values, sorted): ``weight.nested_quant_map``."""
+    return _dynamic_map_cpu().to(device)

@@ -1,0 +1,108 @@
+"""Each Triton kernel against its PyTorch twin (level 1 exact codes, level 2 exact dequantized values).
+
+Runs on the GPU, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py). Interpreted
+programs cost ~4 ms each, so shapes are small and `tile` is varied to force several programs and ragged tiles.
+"""
+
+import pytest
+import torch
+
+from helpers import assert_equal
+from qtool.kernels import double_quant, quant_4bit, quant_8bit
+from qtool.reference import double_quant as double_quant_ref
+from qtool.reference import quant4, quant8
+from qtool.reference.codebooks import dynamic_map, quant_map
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (shape, blocksize, tile): one row, odd numel, numel not a multiple of the blocksize, 1-D, several programs.
+CASES_4BIT = [
+    ((1, 64), 64, None),
+    ((3, 5), 64, None),
+    ((7, 100), 32, 64),
+    ((333, 77), 128, 1024),
+    ((4099,), 4096, None),
+    ((2, 4096), 4096, 4096),
+    ((64, 192), 64, 2048),
+]
+
+
+def weights(shape, dtype, device):
+    w = torch.randn(shape) * 0.05
+    flat = w.view(-1)
+    if flat.numel() >= 256:
+        flat[64:128] = 0  # an all-zero block
+        flat[130] = 0.0859375 * flat[128:192].abs().max()  # a value near an FP4 threshold
+    return w.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("shape,blocksize,tile", CASES_4BIT, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_4bit(shape, blocksize, tile, dtype, quant_type, device):
+    w = weights(shape, dtype, device)
+    packed, absmax = quant_4bit.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, tile=tile)
+    packed_ref, absmax_ref = quant4.quantize_4bit_ref(w, quant_type=quant_type, blocksize=blocksize)
+    assert_equal(packed, packed_ref, "packed")
+    assert_equal(absmax, absmax_ref, "absmax")
+
+
+@pytest.mark.parametrize("shape,blocksize,tile", CASES_4BIT, ids=str)
+@pytest.mark.parametrize("out_dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_4bit(shape, blocksize, tile, out_dtype, quant_type, device):
+    """bf16 output is exact too: the interpreter's truncating cast is replaced by hand rounding."""
+    w = weights(shape, torch.float32, device)
+    packed, absmax = quant4.quantize_4bit_ref(w, quant_type=quant_type, blocksize=blocksize)
+    qmap = quant_map(quant_type, device)
+    kwargs = {"blocksize": blocksize, "shape": shape, "dtype": out_dtype}
+    out = quant_4bit.dequantize_4bit(packed, absmax, qmap, tile=tile, **kwargs)
+    assert_equal(out, quant4.dequantize_4bit_ref(packed, absmax, qmap, **kwargs), "dequantized")
+
+
+@pytest.mark.parametrize("nblocks,tile", [(1, None), (5, None), (256, None), (600, 256), (4097, 1024)], ids=str)
+def test_double_quant(nblocks, tile, device):
+    absmax = (torch.rand(nblocks) * 0.2 + 0.01).to(device)
+    absmax[::7] = 0.0  # zero blocks are common in real absmax vectors
+    codes, nested_absmax, offset = double_quant.quantize_absmax(absmax, tile=tile)
+    codes_ref, nested_absmax_ref, offset_ref = double_quant_ref.quantize_absmax_ref(absmax)
+    assert_equal(codes, codes_ref, "absmax codes")
+    assert_equal(nested_absmax, nested_absmax_ref, "nested_absmax")
+    assert_equal(offset, offset_ref, "nested_offset")
+    d = dynamic_map(device)
+    rebuilt = double_quant.dequantize_absmax(codes, nested_absmax, d, offset, tile=tile)
+    assert_equal(rebuilt, double_quant_ref.dequantize_absmax_ref(codes, nested_absmax, d, offset), "rebuilt absmax")
+
+
+@pytest.mark.parametrize("shape,tile", [((1, 1), None), ((3, 5), None), ((7, 100), 128), ((33, 5000), 8192)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_quantize_8bit_rowwise(shape, tile, dtype, device):
+    w = (torch.randn(shape) * 2).to(dtype)
+    if shape[0] > 2:
+        w[0] = 0  # SCB 0
+        w[1, 0] = 6e4 if dtype == torch.float16 else 1e6  # inf after the float16 cast
+        w[2, :5] = torch.tensor([127, 0.5, 1.5, 2.5, -2.5])  # exact ties when SCB = 127
+    w = w.to(device)
+    q, scb = quant_8bit.quantize_8bit_rowwise(w, tile=tile)
+    q_ref, scb_ref = quant8.quantize_8bit_rowwise_ref(w)
+    assert_equal(q, q_ref, "int8")
+    assert_equal(scb, scb_ref, "SCB")
+
+
+@pytest.mark.parametrize("shape,tile", [((1, 1), None), ((7, 100), 128), ((33, 5000), 8192)], ids=str)
+@pytest.mark.parametrize("out_dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_dequantize_8bit_rowwise(shape, tile, out_dtype, device):
+    q, scb = quant8.quantize_8bit_rowwise_ref(torch.randn(shape))
+    q, scb = q.to(device), scb.to(device)
+    out = quant_8bit.dequantize_8bit_rowwise(q, scb, dtype=out_dtype, tile=tile)
+    assert_equal(out, quant8.dequantize_8bit_rowwise_ref(q, scb, dtype=out_dtype), "dequantized")
+
+
+def test_kernel_argument_errors(device):
+    with pytest.raises(ValueError, match="blocksize"):
+        quant_4bit.quantize_4bit(torch.randn(8, 8, device=device), blocksize=16)
+    packed, absmax = quant4.quantize_4bit_ref(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="needs 32 and 1"):
+        quant_4bit.dequantize_4bit(packed[:-1].to(device), absmax.to(device), quant_map("nf4", device), blocksize=64,
+                                   shape=(8, 8), dtype=torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="do not match"):
+        quant_8bit.dequantize_8bit_rowwise(torch.zeros(4, 4, dtype=torch.int8), torch.ones(3), dtype=torch.float16)
