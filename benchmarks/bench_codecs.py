@@ -93,7 +93,7 @@ def main() -> None:
         print(f"{op:16s} {provider:13s} {name:16s} {quant_type:4s} dq={int(double_quant)} {p50 * 1e3:8.1f} us "
               f"{nbytes / p50 / 1e6:8.1f} GB/s", flush=True)  # fmt: skip
 
-    for name, (n, k) in SHAPES.items():
+    def run_shape(name: str, n: int, k: int) -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         numel = w.numel()
         out = torch.empty_like(w)
@@ -138,7 +138,9 @@ def main() -> None:
                     bench(op, "bnb", name, n, k, "", False,
                           lambda e=entries: F.int8_vectorwise_dequant(e["weight"], e["SCB"]).to(torch.bfloat16),
                           nbytes)  # fmt: skip
-        del w, out
+
+    for name, (n, k) in SHAPES.items():
+        run_shape(name, n, k)
         torch.cuda.empty_cache()
 
     path = Path(args.out)
