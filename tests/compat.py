@@ -34,8 +34,8 @@ def check_4bit_codes(weight, packed, packed_bnb, quant_type: str, blocksize: int
     the two values: s within a few ulps of their midpoint (bnb CPU sends ties to the lower value, and divides
     the tail block where CUDA multiplies by the reciprocal), or for FP4 between CUDA's literal threshold and the
     float32 midpoint."""
-    n = weight.numel()
-    ours, theirs = codes_of(packed, n), codes_of(packed_bnb, n)
+    weight, n = weight.cpu(), weight.numel()
+    ours, theirs = codes_of(packed.cpu(), n), codes_of(packed_bnb.cpu(), n)
     bad = (ours != theirs).nonzero()[:, 0]
     if len(bad) == 0:
         return 0
@@ -61,6 +61,8 @@ def check_4bit_codes(weight, packed, packed_bnb, quant_type: str, blocksize: int
 def check_nested_codes(absmax, offset, nested_absmax, codes, codes_bnb, grid_step: float) -> int:
     """Differing nested codes must be neighbours with s within `grid_step` of their midpoint: bnb CPU snaps s to
     a 65535-step grid (grid_step = 1/65535); CUDA's rcp.approx moves s by ulps (grid_step ~ 1e-6)."""
+    absmax, nested_absmax, codes, codes_bnb = (t.cpu() for t in (absmax, nested_absmax, codes, codes_bnb))
+    offset = torch.as_tensor(offset).cpu()
     bad = (codes != codes_bnb).nonzero()[:, 0]
     if len(bad) == 0:
         return 0
@@ -77,6 +79,7 @@ def check_nested_codes(absmax, offset, nested_absmax, codes, codes_bnb, grid_ste
 def check_int8_codes(weight, q, q_bnb, scb) -> int:
     """Differing int8 codes must be one step apart, at a scaled value within float32 rounding of a half-integer
     (127/SCB in one rounding on bnb CPU, 127 * rcp(SCB) on CUDA and here)."""
+    weight, q, q_bnb, scb = (t.cpu() for t in (weight, q, q_bnb, scb))
     bad = (q != q_bnb).nonzero(as_tuple=True)
     if len(bad[0]) == 0:
         return 0

@@ -23,15 +23,21 @@ def sqnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     return (10 * torch.log10(x.pow(2).sum() / (x - y).pow(2).sum())).item()
 
 
-def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor") -> None:
-    """Bit-for-bit equality (NaN equals NaN), reporting the count and first positions of mismatches."""
+def assert_equal(
+    actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor", *, signed_zeros: bool = True
+) -> None:
+    """Bit-for-bit equality (NaN equals NaN), reporting the count and first positions of mismatches.
+
+    With ``signed_zeros=False``, +0.0 and -0.0 count as equal (numerically equal, one bit apart).
+    """
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     a, e = actual.detach().cpu(), expected.detach().cpu()
     if a.is_floating_point():
         same = (a == e) | (torch.isnan(a) & torch.isnan(e))
         # +0.0 == -0.0 numerically; compare signs too so that the bytes are equal.
-        same &= torch.signbit(a) == torch.signbit(e)
+        if signed_zeros:
+            same &= torch.signbit(a) == torch.signbit(e)
     else:
         same = a == e
     bad = (~same).nonzero()

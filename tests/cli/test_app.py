@@ -1,8 +1,8 @@
 """The root command through Typer's CliRunner and as an installed console script."""
 
+import importlib.metadata
 import subprocess
 import sys
-from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -34,8 +34,9 @@ def test_env_reports_versions():
     assert f"qtool: {__version__}" in result.output and "torch: " in result.output and "kernels: " in result.output
 
 
-def test_console_script():
-    exe = Path(sys.executable).parent / "qtool"
-    assert exe.exists(), "the qtool console script is not installed beside python (pip install -e .)"
-    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
+def test_console_script_and_module():
+    """`qtool` is declared as a console script for qtool.cli.app:main, and `python -m qtool` runs it."""
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="qtool")
+    assert script.value == "qtool.cli.app:main"
+    out = subprocess.run([sys.executable, "-m", "qtool", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout == f"qtool {__version__}\n"
