@@ -5,6 +5,7 @@ Start-up stays fast: torch, Triton and the API are imported inside command bodie
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Annotated
@@ -12,6 +13,7 @@ from typing import Annotated
 import typer
 
 from qtool import __version__
+from qtool.cli._errors import report
 from qtool.errors import QtoolError
 
 app = typer.Typer(
@@ -40,6 +42,16 @@ def root(
     ] = False,
 ) -> None:
     """Quantize Hugging Face checkpoints to the bitsandbytes 4-bit / 8-bit format, with Triton kernels, and back."""
+    # diffusers imports bitsandbytes whenever it is installed, and bnb 0.50 then logs a warning about an optional
+    # CPU kernel package that qtool never uses. The CLI owns its process, so it silences that logger (not the API).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _register() -> None:
+    from qtool.cli._errors import cli_errors
+    from qtool.cli.quantize import QUANTIZE_EXAMPLES, quantize
+
+    app.command(epilog="Examples:\n\n" + "\n\n".join(f"  {e}" for e in QUANTIZE_EXAMPLES))(cli_errors(quantize))
 
 
 @app.command()
@@ -51,14 +63,15 @@ def env() -> None:
         typer.echo(f"{key}: {value}")
 
 
+_register()
+
+
 def main() -> None:
     """Entry point: run the app; a QtoolError prints `error: ...` (and `hint: ...`) and exits 1."""
     try:
         app()
-    except QtoolError as exc:
+    except QtoolError as exc:  # raised outside a command body (commands report their own)
         if os.environ.get("QTOOL_DEBUG") == "1":
             raise
-        typer.echo(f"error: {exc.message}", err=True)
-        if exc.hint:
-            typer.echo(f"hint: {exc.hint}", err=True)
+        report(exc)
         sys.exit(1)

@@ -1,0 +1,477 @@
+"""qtool's checkpoint-level Python API: what the CLI commands call.
+
+``quantize_checkpoint`` streams a checkpoint one tensor at a time: memory-mapped safetensors in, the Triton kernels
+(GPU) or the PyTorch reference (CPU), bitsandbytes-format shards out. The output is built in a temporary folder
+beside the target and renamed into place only when complete and verified.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from qtool.errors import QtoolError
+from qtool.plan import MAX_SHARD_SIZE, ComponentPlan, Plan, plan_folder
+from qtool.spec import QuantSpec
+
+# Root files of a pipeline that are not part of the diffusers layout and can be huge (FLUX.1-dev ships a 23.8 GB
+# single-file checkpoint beside its component folders): never copied, never downloaded.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".sft")
+
+
+class Progress(Protocol):
+    """What the API reports while it works; the CLI renders it with Rich, the API alone stays silent.
+
+    ``enabled`` also decides whether huggingface_hub draws its own download bars.
+    """
+
+    enabled: bool
+
+    def start(self, description: str, total: int) -> None: ...
+
+    def advance(self, amount: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class _Silent:
+    enabled = False
+
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, amount: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class ComponentResult:
+    """One quantized component. Bytes are tensor bytes (as safetensors stores them); SQNR in dB over its layers."""
+
+    name: str
+    class_name: str
+    parameters: int
+    layers_quantized: int
+    layers_kept: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float = 0.0
+    sqnr_mean_db: float | None = None
+    sqnr_min_db: float | None = None
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+
+@dataclass
+class QuantizeResult:
+    output: Path
+    source: str
+    spec: QuantSpec
+    kind: str
+    components: list[ComponentResult]
+    copied: list[str]
+    dry_run: bool
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    device: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "output": str(self.output),
+            "source": self.source,
+            "kind": self.kind,
+            "method": self.spec.label,
+            "quantization_config": self.spec.quantization_config(),
+            "dry_run": self.dry_run,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "copied": self.copied,
+            "components": [
+                {
+                    "name": c.name,
+                    "class": c.class_name,
+                    "parameters": c.parameters,
+                    "layers_quantized": c.layers_quantized,
+                    "layers_kept": c.layers_kept,
+                    "bytes_before": c.bytes_before,
+                    "bytes_after": c.bytes_after,
+                    "seconds": round(c.seconds, 3),
+                    "sqnr_mean_db": c.sqnr_mean_db,
+                    "sqnr_min_db": c.sqnr_min_db,
+                    "files": c.files,
+                }
+                for c in self.components
+            ],
+        }
+
+
+def default_output(source: str, spec: QuantSpec) -> Path:
+    name = Path(source.rstrip("/")).name or "model"
+    return Path.cwd() / f"{name}-{spec.label}"
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _check_output(output: Path, inputs: Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, an output that exists (without overwrite), sits inside the input, or can't be made."""
+    if inputs is not None:
+        src, dst = inputs.resolve(), output.resolve()
+        if dst == src or src in dst.parents or dst in src.parents:
+            raise QtoolError(
+                f"the output {output} overlaps the input {inputs}", hint="choose an output folder elsewhere"
+            )
+    if output.exists() and not overwrite:
+        raise QtoolError(f"{output} already exists", hint="pass --overwrite to replace it, or choose --output")
+    parent = output.resolve().parent
+    if not parent.exists():
+        raise QtoolError(f"the output's parent folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise QtoolError(f"cannot write to {parent}")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link where possible (no extra disk; Hub cache files are symlinks to blobs, so link the blob)."""
+    real = os.path.realpath(src)
+    try:
+        os.link(real, dst)
+    except OSError:
+        shutil.copy2(real, dst)
+
+
+def _copy_entry(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=False)
+    else:
+        _link_or_copy(str(src), str(dst))
+
+
+def _sqnr_db(weight, restored) -> float | None:
+    w = weight.float()
+    signal = w.pow(2).sum().item()
+    noise = (w - restored.float()).pow(2).sum().item()
+    if signal == 0:
+        return None
+    return float("inf") if noise == 0 else 10 * math.log10(signal / noise)
+
+
+def _quantize_component(
+    plan: ComponentPlan, spec: QuantSpec, out: Path, device: str, progress: Progress
+) -> ComponentResult:
+    """Stream one component: read a tensor, quantize it if planned, hand it to the writer, forget it."""
+    import torch
+
+    from qtool.io.reader import TensorReader
+    from qtool.io.writer import ShardedWriter
+    from qtool.quantize import dequantize_tensor, quantize_tensor
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    sqnrs: list[float] = []
+    bias_of = {layer.fqn + ".bias": key for key, layer in plan.layers.items()}
+    progress.start(f"{plan.name or plan.class_name}", plan.bytes_before)
+    with (
+        TensorReader(plan.weights) as reader,
+        ShardedWriter(out, plan.weights.base_name, MAX_SHARD_SIZE[plan.library]) as writer,
+    ):
+        for key in plan.key_order:
+            if key in bias_of and bias_of[key] in plan.weights.tensors:
+                continue  # written with its weight, in the same shard
+            tensor = reader.read(key)
+            layer = plan.layers.get(key)
+            if layer is None:
+                writer.add_group({key: tensor})
+                progress.advance(plan.weights.tensors[key].nbytes)
+                continue
+            weight = tensor.to(device)
+            if spec.bits == 8:
+                entries = quantize_tensor(weight, bits=8)
+            else:
+                entries = quantize_tensor(
+                    weight, quant_type=spec.quant_type, double_quant=spec.double_quant, blocksize=spec.blocksize
+                )
+            sqnr = _sqnr_db(weight, dequantize_tensor(entries, dtype=torch.float32))
+            if sqnr is not None:
+                sqnrs.append(sqnr)
+            group = {f"{layer.fqn}.{name}": value.cpu() for name, value in entries.items()}
+            bias_key = layer.fqn + ".bias"
+            if bias_key in plan.weights.tensors:
+                group[bias_key] = reader.read(bias_key)
+                progress.advance(plan.weights.tensors[bias_key].nbytes)
+            writer.add_group(group)
+            progress.advance(plan.weights.tensors[key].nbytes)
+            del weight, entries, group, tensor
+        files = writer.close()
+    progress.finish()
+    config = dict(plan.config)
+    config["quantization_config"] = spec.quantization_config()
+    # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for entry in plan.folder.iterdir():
+        if entry.name == "config.json" or entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
+            continue
+        _copy_entry(entry, out / entry.name)
+    finite = [s for s in sqnrs if math.isfinite(s)]
+    return ComponentResult(
+        name=plan.name,
+        class_name=plan.class_name,
+        parameters=plan.parameters,
+        layers_quantized=len(plan.layers),
+        layers_kept=len(plan.kept_linears),
+        bytes_before=plan.bytes_before,
+        bytes_after=sum(t.nbytes for t in _scan(out).tensors.values()),
+        seconds=time.perf_counter() - start,
+        sqnr_mean_db=round(sum(finite) / len(finite), 3) if finite else None,
+        sqnr_min_db=round(min(finite), 3) if finite else None,
+        files=[p.name for p in files],
+    )
+
+
+def _scan(folder: Path):
+    from qtool.io.reader import scan_component
+
+    return scan_component(folder)
+
+
+def expected_keys(plan: ComponentPlan, spec: QuantSpec) -> dict[str, str]:
+    """Every output key and its safetensors dtype tag (the blob's exact length is not known before quantizing)."""
+    keys = {}
+    for key, info in plan.weights.tensors.items():
+        layer = plan.layers.get(key)
+        if layer is None:
+            keys[key] = info.dtype
+            continue
+        if spec.bits == 8:
+            keys.update({key: "I8", f"{layer.fqn}.SCB": "F32", f"{layer.fqn}.weight_format": "U8"})
+            continue
+        keys[key] = "U8"
+        keys[f"{key}.absmax"] = "U8" if spec.double_quant else "F32"
+        keys[f"{key}.quant_map"] = "F32"
+        if spec.double_quant:
+            keys[f"{key}.nested_absmax"] = "F32"
+            keys[f"{key}.nested_quant_map"] = "F32"
+        keys[f"{key}.quant_state.bitsandbytes__{spec.quant_type}"] = "U8"
+    return keys
+
+
+def verify_component(plan: ComponentPlan, spec: QuantSpec, out: Path) -> None:
+    """Re-read the written headers: the key set and dtypes must be exactly the plan's."""
+    written = {k: t.dtype for k, t in _scan(out).tensors.items()}
+    expected = expected_keys(plan, spec)
+    if written != expected:
+        missing = sorted(set(expected) - set(written))[:3]
+        extra = sorted(set(written) - set(expected))[:3]
+        wrong = sorted(k for k in set(expected) & set(written) if expected[k] != written[k])[:3]
+        raise QtoolError(f"verification of {out} failed: missing {missing}, unexpected {extra}, wrong dtype {wrong}")
+
+
+def quantize_checkpoint(
+    source: str | os.PathLike,
+    *,
+    spec: QuantSpec | None = None,
+    components: list[str] | None = None,
+    output: str | os.PathLike | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    device: str | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> QuantizeResult:
+    """Quantize a local folder or Hub repo (a diffusers pipeline or one model) into a bitsandbytes checkpoint.
+
+    Args:
+        source: a folder written by save_pretrained, or a Hub repo id.
+        spec: the quantization options (default: 4-bit NF4, compute dtype bf16).
+        components: pipeline components to quantize (default: transformer and text_encoder_2 when present).
+        output: the output folder (default: ./<source name>-<method>, e.g. FLUX.1-dev-nf4-dq).
+        revision, token: for Hub sources.
+        device: "cuda" (Triton kernels) or "cpu" (PyTorch reference); default: cuda when available.
+        dry_run: plan only: read configs and safetensors headers, download and write nothing.
+        overwrite: replace an existing output folder.
+        progress: receives progress events (bytes read per component).
+
+    Returns:
+        QuantizeResult with per-component sizes, timings and SQNR of the quantized layers.
+    """
+    import torch
+
+    from qtool import hub
+
+    spec = spec or QuantSpec()
+    progress = progress or _Silent()
+    started = time.perf_counter()
+    source = str(source)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QtoolError("--device cuda, but PyTorch sees no CUDA GPU", hint="use --device cpu (slower)")
+    if device not in ("cuda", "cpu"):
+        raise QtoolError(f"--device must be cuda or cpu, got {device!r}")
+    local = hub.is_local(source)
+    # For a local source, download() only resolves the path (~ expanded) and refuses a file.
+    local_folder = hub.download(source, patterns=[]) if local else None
+    out = Path(output).expanduser() if output else default_output(source, spec)
+    if not dry_run:
+        _check_output(out, local_folder, overwrite)
+
+    if local_folder is not None:
+        folder = local_folder
+        plan = plan_folder(folder, spec, components, source=source)
+    elif dry_run:
+        folder, plan = plan_remote(source, spec, components, revision=revision, token=token)
+    else:
+        patterns = download_patterns(source, revision=revision, token=token)
+        folder = hub.download(source, patterns=patterns, revision=revision, token=token, progress=progress.enabled)
+        plan = plan_folder(folder, spec, components, source=source)
+    result = QuantizeResult(
+        output=out,
+        source=source,
+        spec=spec,
+        kind=plan.kind,
+        components=[],
+        copied=plan.copied,
+        dry_run=dry_run,
+        device=device,
+    )
+    if dry_run:
+        result.components = [
+            ComponentResult(
+                name=c.name,
+                class_name=c.class_name,
+                parameters=c.parameters,
+                layers_quantized=len(c.layers),
+                layers_kept=len(c.kept_linears),
+                bytes_before=c.bytes_before,
+                bytes_after=c.bytes_after(spec),
+            )
+            for c in plan.components
+        ]
+        result.seconds = time.perf_counter() - started
+        return result
+
+    tmp = out.resolve().parent / f".{out.name}.qtool-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        _write(plan, spec, folder, tmp, device, progress, result)
+        _replace(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _write(plan: Plan, spec: QuantSpec, folder: Path, tmp: Path, device: str, progress, result) -> None:
+    for component in plan.components:
+        target = tmp / component.name if component.name else tmp
+        result.components.append(_quantize_component(component, spec, target, device, progress))
+        verify_component(component, spec, target)
+    for name in plan.copied:
+        entry = folder / name
+        if entry.is_file() and name.endswith(WEIGHT_SUFFIXES):
+            continue
+        _copy_entry(entry, tmp / name)
+
+
+def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished folder into place; an old output (with --overwrite) is removed only after that."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise QtoolError(f"{out} appeared while qtool was writing", hint="pass --overwrite or choose --output")
+        old = out.resolve().parent / f".{out.name}.qtool-old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def download_patterns(source: str, *, revision: str | None, token: str | None) -> list[str]:
+    """What to fetch from the Hub: model_index.json and the pipeline's component folders, or a model's files,
+    never the single-file checkpoints at a pipeline repo's root."""
+    from qtool import hub
+
+    files = hub.list_files(source, revision=revision, token=token)
+    if "model_index.json" not in files:
+        return ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
+    from qtool.plan import pipeline_components
+
+    # Every component is needed for the output pipeline to load; --components only chooses what is quantized.
+    available = pipeline_components(hub.read_json(source, "model_index.json", revision=revision, token=token))
+    return ["model_index.json", *(f"{name}/*" for name in available)]
+
+
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+
+
+def _remote_weights(source: str, folder: Path, prefix: str, files: list[str], revision, token):
+    """A component's ComponentWeights from the Hub's safetensors headers (HTTP range reads, no weight download)."""
+    from qtool import hub
+    from qtool.io.reader import ComponentWeights, TensorInfo
+
+    inside = [f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]]
+    indexes = sorted(f for f in inside if f.endswith(".safetensors.index.json") and f.count(".") == 3)
+    if indexes:
+        weight_map = json.loads((folder / prefix / indexes[0]).read_text())["weight_map"]
+        shard_files = list(dict.fromkeys(weight_map.values()))
+        base_name = indexes[0].removesuffix(".safetensors.index.json")
+    else:
+        singles = sorted(f for f in inside if f.endswith(".safetensors") and f.count(".") == 1)
+        if not singles:
+            raise QtoolError(f"{source}: no safetensors weights in {prefix or 'the repo root'}")
+        shard_files, base_name = singles[:1], singles[0].removesuffix(".safetensors")
+    headers = hub.safetensors_headers(source, [prefix + f for f in shard_files], revision=revision, token=token)
+    tensors = {}
+    for file in shard_files:
+        for key, meta in headers[prefix + file].items():
+            shape = tuple(meta["shape"])
+            tensors[key] = TensorInfo(
+                key, meta["dtype"], shape, file, math.prod(shape) * ITEMSIZE.get(meta["dtype"], 1)
+            )
+    return ComponentWeights(
+        folder=folder / prefix, base_name=base_name, tensors=tensors, sharded=bool(indexes), index_metadata={},
+        file_metadata={},
+    )  # fmt: skip
+
+
+def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, revision=None, token=None):
+    """Plan a Hub repo from its JSON files and safetensors headers only: what --dry-run and footprint need."""
+    from qtool import hub
+    from qtool.plan import choose_components, pipeline_components, plan_component, read_json
+
+    files = hub.list_files(source, revision=revision, token=token)
+    folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
+    if "model_index.json" in files:
+        available = pipeline_components(read_json(folder / "model_index.json"))
+        chosen = choose_components(available, components)
+        plans = [
+            plan_component(name, folder / name, _remote_weights(source, folder, f"{name}/", files, revision, token),
+                           spec)
+            for name in chosen
+        ]  # fmt: skip
+        copied = sorted({f.split("/")[0] for f in files} - set(chosen))
+        return folder, Plan(source=source, kind="pipeline", spec=spec, components=plans, copied=copied)
+    if components:
+        raise QtoolError("--components applies to pipelines (repos with model_index.json); this is one model")
+    weights = _remote_weights(source, folder, "", files, revision, token)
+    return folder, Plan(source=source, kind="model", spec=spec, components=[plan_component("", folder, weights, spec)])

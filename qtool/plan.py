@@ -1,0 +1,304 @@
+"""Decide, from configs and safetensors headers only, what a quantization run does to each tensor.
+
+A plan says which Linear weights become 4-bit or 8-bit, which stay as they are, and in what order the output
+state dict lists them. It must quantize exactly the modules that diffusers or transformers would replace with
+bitsandbytes layers when loading the output, or the loader fails (bnb-format.md §3.3): so the model class is built
+on the meta device (no weights, no memory) to list its ``nn.Linear`` modules, and each library's own skip rules are
+applied as that library applies them. ``qtool footprint`` and ``--dry-run`` stop here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtool.errors import QtoolError
+from qtool.io.reader import ComponentWeights, TensorInfo
+from qtool.spec import QuantSpec
+
+# What FLUX.1-dev-style pipelines quantize by default: the two big components (seed document: CLIP and the VAE are
+# small and have few Linear layers).
+DEFAULT_PIPELINE_COMPONENTS = ("transformer", "text_encoder_2")
+# save_pretrained's default shard sizes (decimal bytes).
+MAX_SHARD_SIZE = {"diffusers": 10 * 10**9, "transformers": 50 * 10**9}
+FLOAT_TAGS = {"F32": 4, "F16": 2, "BF16": 2}
+# The quant_state JSON blob's length varies with the repr of nested_offset; this bounds it for size predictions.
+BLOB_BYTES = {False: 80, True: 175}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One Linear whose weight is quantized. ``key`` is the full weight key; shape is [out_features, in_features]."""
+
+    fqn: str
+    key: str
+    shape: tuple[int, int]
+    dtype: str
+
+
+@dataclass
+class ComponentPlan:
+    """What happens to one model folder (a pipeline component, or the whole model)."""
+
+    name: str
+    library: str
+    class_name: str
+    weights: ComponentWeights
+    config: dict
+    layers: dict[str, LayerPlan]
+    kept_linears: dict[str, str]
+    key_order: list[str]
+
+    @property
+    def folder(self) -> Path:
+        return self.weights.folder
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(t.shape) for t in self.weights.tensors.values())
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(t.nbytes for t in self.weights.tensors.values())
+
+    def bytes_after(self, spec: QuantSpec) -> int:
+        """Tensor bytes written (the quant-state JSON estimated within a few bytes per layer)."""
+        total = 0
+        for key, info in self.weights.tensors.items():
+            layer = self.layers.get(key)
+            total += quantized_bytes(layer.shape, spec) if layer else info.nbytes
+        return total
+
+
+@dataclass
+class Plan:
+    """A whole run: the source, the components to quantize, and the other components to copy as they are."""
+
+    source: str
+    kind: str  # "pipeline" or "model"
+    spec: QuantSpec
+    components: list[ComponentPlan]
+    copied: list[str] = field(default_factory=list)
+
+
+def quantized_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """Bytes of one quantized weight's tensors as bitsandbytes stores them (bnb-format.md §1.1, §2.1)."""
+    n = math.prod(shape)
+    if spec.bits == 8:
+        return n + 4 * shape[0] + 1
+    nblocks = math.ceil(n / spec.blocksize)
+    size = (n + 1) // 2 + 16 * 4 + BLOB_BYTES[spec.double_quant]
+    if spec.double_quant:
+        return size + nblocks + 4 * math.ceil(nblocks / 256) + 256 * 4
+    return size + 4 * nblocks
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QtoolError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QtoolError(f"{path} is not valid JSON: {exc}") from None
+
+
+def detect_library(config: dict, path: Path) -> tuple[str, str]:
+    """``(library, class_name)`` of a model folder's config.json."""
+    if "_class_name" in config:
+        return "diffusers", config["_class_name"]
+    architectures = config.get("architectures") or []
+    if architectures:
+        return "transformers", architectures[0]
+    raise QtoolError(
+        f"{path} names no model class (no '_class_name' or 'architectures')",
+        hint="qtool needs a config.json as diffusers' or transformers' save_pretrained writes it",
+    )
+
+
+# --- which Linear layers each library quantizes ------------------------------------------------------------------
+
+
+def diffusers_keeps(fqn: str, not_convert: list[str]) -> bool:
+    """diffusers' rule (quantizers/bitsandbytes/utils.py): a Linear stays unquantized if its child name is in the
+    list, or if a key equals its full name, or if ``key + "."`` occurs anywhere in its full name. So "proj_out"
+    also keeps every ``single_transformer_blocks.N.proj_out``."""
+    child = fqn.rsplit(".", 1)[-1]
+    return child in not_convert or any(key + "." in fqn or key == fqn for key in not_convert)
+
+
+def transformers_keeps(fqn: str, patterns: list[str]) -> bool:
+    """transformers' rule (quantizers_utils.should_convert_module): a pattern matches from the start up to a module
+    boundary (as a regular expression), or is a plain suffix of the full name ("fc1" keeps "model.layers.3.fc1")."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    for key in patterns:
+        try:
+            if re.match(rf"(?:{key}){boundary}", fqn):
+                return True
+        except re.error:
+            pass
+        if fqn.endswith(key):
+            return True
+    return False
+
+
+def build_meta_model(library: str, class_name: str, folder: Path):
+    """The model class instantiated on the meta device from the folder's config: structure only, no memory."""
+    import torch
+
+    if library == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+        if cls is None:
+            raise QtoolError(f"diffusers {diffusers.__version__} has no model class {class_name!r} ({folder})")
+        with torch.device("meta"):
+            return cls.from_config(cls.load_config(folder))
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if cls is None:
+        raise QtoolError(f"transformers {transformers.__version__} has no model class {class_name!r} ({folder})")
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        return cls(config)
+
+
+def transformers_default_skips(model) -> list[str]:
+    """transformers' get_keys_to_not_convert: tied weights, the module of the last parameter (an LLM's lm_head),
+    and the output embeddings. Applied only when no skip list is given (base.get_modules_to_not_convert)."""
+    keys = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys |= set(tied.keys()) | set(tied.values())
+    keys.add(list(model.named_parameters())[-1][0])
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None:
+        keys |= {name for name, module in model.named_modules() if module is output}
+    return sorted({k.removesuffix(".weight") for k in keys})
+
+
+def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: QuantSpec) -> ComponentPlan:
+    """Plan one model folder: list its Linear layers on the meta device and apply the loader's skip rules."""
+    import torch
+
+    config = read_json(folder / "config.json")
+    if "quantization_config" in config:
+        raise QtoolError(
+            f"{folder} is already quantized ({config['quantization_config'].get('quant_method', '?')})",
+            hint="use `qtool dequantize` first, or point qtool at the original checkpoint",
+        )
+    library, class_name = detect_library(config, folder / "config.json")
+    model = build_meta_model(library, class_name, folder)
+    skip = list(spec.skip)
+    if library == "diffusers":
+        keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        not_convert = skip + keep_fp32
+        candidates = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+        def keeps(fqn: str, names: list[str] = not_convert) -> bool:
+            return diffusers_keeps(fqn, names)
+
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        conv1d = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+        if conv1d:
+            raise QtoolError(
+                f"{class_name} uses transformers' Conv1D layers ({conv1d[0]}, ...), which qtool does not quantize yet",
+                hint="bitsandbytes transposes Conv1D weights on load; only nn.Linear models are supported",
+            )
+        keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        defaults = transformers_default_skips(model) if not skip else []
+        patterns = sorted(set(skip + keep_fp32 + defaults))
+        # transformers converts exact nn.Linear only (type(module) is nn.Linear), not subclasses.
+        candidates = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+
+        def keeps(fqn: str, names: list[str] = patterns) -> bool:
+            return transformers_keeps(fqn, names)
+
+    layers: dict[str, LayerPlan] = {}
+    kept: dict[str, str] = {}
+    for fqn, module in candidates.items():
+        key = f"{fqn}.weight"
+        if keeps(fqn):
+            kept[fqn] = "--skip" if skip and keeps(fqn, skip) else f"{library} keeps it"
+            continue
+        info = weights.tensors.get(key)
+        if info is None:
+            raise QtoolError(f"{name or class_name}: the checkpoint has no tensor {key!r} for Linear {fqn}")
+        check_linear_weight(info, (module.out_features, module.in_features))
+        layers[key] = LayerPlan(fqn=fqn, key=key, shape=tuple(info.shape), dtype=info.dtype)
+
+    model_order = list(model.state_dict().keys())
+    key_order = [k for k in model_order if k in weights.tensors]
+    key_order += [k for k in weights.tensors if k not in set(key_order)]
+    return ComponentPlan(
+        name=name,
+        library=library,
+        class_name=class_name,
+        weights=weights,
+        config=config,
+        layers=layers,
+        kept_linears=kept,
+        key_order=key_order,
+    )
+
+
+def check_linear_weight(info: TensorInfo, shape: tuple[int, int]) -> None:
+    if info.dtype not in FLOAT_TAGS:
+        raise QtoolError(f"{info.key} is {info.dtype}; qtool quantizes float32, float16 and bfloat16 weights")
+    if tuple(info.shape) != shape:
+        raise QtoolError(f"{info.key} has shape {list(info.shape)} but its Linear expects {list(shape)}")
+
+
+def pipeline_components(model_index: dict) -> dict[str, tuple[str, str]]:
+    """``{component: (library, class_name)}`` from model_index.json entries like ``["diffusers", "AutoencoderKL"]``."""
+    out = {}
+    for name, value in model_index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        out[name] = (value[0], value[1])
+    return out
+
+
+def choose_components(available: dict[str, tuple[str, str]], requested: list[str] | None) -> list[str]:
+    """The components to quantize: the requested ones (all must exist) or the defaults that exist."""
+    if requested:
+        missing = [c for c in requested if c not in available]
+        if missing:
+            raise QtoolError(
+                f"no component {', '.join(repr(c) for c in missing)} in this pipeline",
+                hint=f"it has: {', '.join(available)}",
+            )
+        return list(dict.fromkeys(requested))
+    chosen = [c for c in DEFAULT_PIPELINE_COMPONENTS if c in available]
+    if not chosen:
+        raise QtoolError(
+            "this pipeline has neither a 'transformer' nor a 'text_encoder_2' to quantize by default",
+            hint=f"pick components with --components; it has: {', '.join(available)}",
+        )
+    return chosen
+
+
+def plan_folder(folder: Path, spec: QuantSpec, components: list[str] | None = None, source: str = "") -> Plan:
+    """Plan a local pipeline folder (model_index.json) or model folder (config.json), from headers only."""
+    from qtool.io.reader import scan_component
+
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        available = pipeline_components(read_json(folder / "model_index.json"))
+        chosen = choose_components(available, components)
+        plans = [plan_component(name, folder / name, scan_component(folder / name), spec) for name in chosen]
+        copied = sorted(p.name for p in folder.iterdir() if p.name not in chosen)
+        return Plan(source=source or str(folder), kind="pipeline", spec=spec, components=plans, copied=copied)
+    if (folder / "config.json").exists():
+        if components:
+            raise QtoolError("--components applies to pipelines (folders with model_index.json); this is one model")
+        plan = plan_component("", folder, scan_component(folder), spec)
+        return Plan(source=source or str(folder), kind="model", spec=spec, components=[plan])
+    raise QtoolError(
+        f"{folder} has neither model_index.json (a diffusers pipeline) nor config.json (a model)",
+        hint="point qtool at a folder written by save_pretrained, or at a Hub repo id",
+    )

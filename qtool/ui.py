@@ -1,0 +1,105 @@
+"""Terminal output, the only module that imports Rich: progress on stderr, result tables on stdout.
+
+Progress bars appear only on an interactive stderr (not in pipes, CI logs or with --quiet). NO_COLOR is honoured
+by Rich itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+err = Console(stderr=True)
+
+
+def out_console() -> Console:
+    # Built per call so that CliRunner's captured stdout is the one written to. Piped output gets a wide table
+    # rather than Rich's 80-column default, so that names are not cut.
+    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+class RichProgress:
+    """Implements qtool.api.Progress: one bar per component, in bytes read, with speed and ETA."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err.is_terminal
+        self._progress: Progress | None = None
+        self._task = None
+
+    def start(self, description: str, total: int) -> None:
+        if not self.enabled:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=False),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, amount: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, amount)
+
+    def finish(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def print_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def print_quantize_result(result) -> None:
+    """The summary table of `qtool quantize` (a qtool.api.QuantizeResult) on stdout."""
+    title = f"{'Plan' if result.dry_run else 'Quantized'} {result.source} -> {result.spec.label}"
+    table = Table(title=title)
+    for column in ("component", "class", "params", "Linear quantized / kept", "before", "after", "x smaller"):
+        table.add_column(column, justify="left" if column in ("component", "class") else "right")
+    if not result.dry_run:
+        table.add_column("time", justify="right")
+        table.add_column("SQNR mean / min", justify="right")
+    for c in result.components:
+        row = [
+            c.name or "(model)",
+            c.class_name,
+            f"{c.parameters / 1e6:,.1f}M",
+            f"{c.layers_quantized} / {c.layers_kept}",
+            human_bytes(c.bytes_before),
+            ("~" if result.dry_run else "") + human_bytes(c.bytes_after),
+            f"{c.compression:.2f}",
+        ]
+        if not result.dry_run:
+            sqnr = "-" if c.sqnr_mean_db is None else f"{c.sqnr_mean_db:.1f} / {c.sqnr_min_db:.1f} dB"
+            row += [f"{c.seconds:.1f} s", sqnr]
+        table.add_row(*row)
+    console = out_console()
+    console.print(table)
+    if result.copied:
+        console.print(f"copied as they are: {', '.join(result.copied)}")
+    if result.dry_run:
+        console.print("dry run: nothing was downloaded or written")
+    else:
+        console.print(
+            f"wrote {result.output} in {result.seconds:.1f} s on {result.device} "
+            f"(peak host memory {human_bytes(result.peak_rss_bytes)})"
+        )
