@@ -453,6 +453,19 @@ class TensorReader:
             shape[-1] //= 2  # torch's float4_e2m1fn_x2 packs two values per element
         return buffer.view(dtype).reshape(shape)
 
+    def prefetch(self, key: str) -> None:
+        """Ask the kernel to start reading ``key``'s bytes into the page cache now, without waiting for them.
+
+        A conversion calls this for the next tensor before working on the current one, so that disk reads overlap
+        the work (on a cold cache the reads are most of a conversion's time). It costs no process memory: page
+        cache is not resident memory of this process. A no-op where the OS has no ``posix_fadvise``.
+        """
+        info = self.component.tensors.get(key)
+        if info is None:
+            raise KeyError(f"{key!r} is not a tensor of {self.component.folder}")
+        if hasattr(os, "posix_fadvise") and info.nbytes:
+            os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+
     def iter_tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` one at a time.
 
@@ -463,5 +476,8 @@ class TensorReader:
             ``(key, tensor)`` as ``read`` returns it. Holding on to earlier tensors is the caller's choice; the
             reader keeps none.
         """
-        for key in self.component.tensors if keys is None else keys:
+        keys = list(self.component.tensors if keys is None else keys)
+        for i, key in enumerate(keys):
+            if i + 1 < len(keys):
+                self.prefetch(keys[i + 1])
             yield key, self.read(key)

@@ -154,6 +154,24 @@ def test_reading_a_file_holds_about_one_tensor(tmp_path):
     assert growth < 4 * tensor_bytes, f"peak RSS grew by {growth / 2**20:.0f} MB reading 16 x 16 MB"
 
 
+def test_iter_tensors_prefetches_the_next_tensor(tmp_path, monkeypatch):
+    """While a tensor is handed out, the kernel is already asked for the next one's exact byte range."""
+    save_file(tensors(), tmp_path / "model.safetensors")
+    component = scan_component(tmp_path)
+    hints = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: hints.append((offset, length, advice)))
+    keys = list(component.tensors)
+    expected = [(t.offset, t.nbytes, os.POSIX_FADV_WILLNEED) for t in component.tensors.values() if t.nbytes]
+    expected = expected[1:] if component.tensors[keys[0]].nbytes else expected
+    with TensorReader(component) as reader:
+        for i, _ in enumerate(reader.iter_tensors()):
+            # By the time tensor i is handed out, every later non-empty tensor up to i + 1 has been hinted.
+            assert hints == [h for h in expected if h[0] <= component.tensors[keys[min(i + 1, len(keys) - 1)]].offset]
+        with pytest.raises(KeyError, match="nope"):
+            reader.prefetch("nope")
+    assert hints == expected
+
+
 def test_read_unknown_key(tmp_path):
     save_file({"a": torch.ones(1)}, tmp_path / "model.safetensors")
     with TensorReader(scan_component(tmp_path)) as reader, pytest.raises(KeyError, match="nope"):
