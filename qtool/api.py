@@ -7,6 +7,7 @@ beside the target and renamed into place only when complete and verified.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,6 +25,9 @@ from qtool.spec import QuantSpec
 # Root files of a pipeline that are not part of the diffusers layout and can be huge (FLUX.1-dev ships a 23.8 GB
 # single-file checkpoint beside its component folders): never copied, never downloaded.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".sft")
+# Root folders of a local checkpoint that are not part of it, never copied: git's store (a git-lfs clone holds every
+# weight again under .git/lfs) and huggingface_hub's `--local-dir` download metadata (.cache/huggingface).
+NOT_COPIED = (".git", ".cache")
 
 
 class Progress(Protocol):
@@ -119,9 +123,15 @@ class QuantizeResult:
         }
 
 
-def default_output(source: str, spec: QuantSpec) -> Path:
-    name = Path(source.rstrip("/")).name or "model"
-    return Path.cwd() / f"{name}-{spec.label}"
+def default_output(source: str, spec: QuantSpec, local_folder: Path | None = None) -> Path:
+    """``./<source name>-<method>``; for a local source that holds the current folder (``qtool quantize .``),
+    beside the source instead, since an output inside its input is refused."""
+    cwd = Path.cwd().resolve()
+    if local_folder is not None:
+        folder = local_folder.resolve()
+        where = folder.parent if cwd == folder or folder in cwd.parents else cwd
+        return where / f"{folder.name}-{spec.label}"
+    return cwd / f"{Path(source.rstrip('/')).name or 'model'}-{spec.label}"
 
 
 def peak_rss_bytes() -> int:
@@ -141,9 +151,21 @@ def _check_output(output: Path, inputs: Path | None, overwrite: bool) -> None:
         raise QtoolError(f"{output} already exists", hint="pass --overwrite to replace it, or choose --output")
     parent = output.resolve().parent
     if not parent.exists():
-        raise QtoolError(f"the output's parent folder {parent} does not exist")
+        raise QtoolError(
+            f"the output's parent folder {parent} does not exist", hint="create it first, or choose another --output"
+        )
     if not os.access(parent, os.W_OK):
-        raise QtoolError(f"cannot write to {parent}")
+        raise QtoolError(f"cannot write to {parent}", hint="choose an --output in a folder you can write to")
+
+
+def _copied_entries(folder: Path, names: list[str]) -> list[str]:
+    """The root entries of a pipeline that a run copies as they are: not .git or .cache, and not the single-file
+    checkpoints beside the component folders."""
+    return [
+        name
+        for name in names
+        if name not in NOT_COPIED and not (name.endswith(WEIGHT_SUFFIXES) and not (folder / name).is_dir())
+    ]
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -190,9 +212,10 @@ def _quantize_component(
         TensorReader(plan.weights) as reader,
         ShardedWriter(out, plan.weights.base_name, MAX_SHARD_SIZE[plan.library]) as writer,
     ):
-        for key in plan.key_order:
-            if key in bias_of and bias_of[key] in plan.weights.tensors:
-                continue  # written with its weight, in the same shard
+        order = [k for k in plan.key_order if not (k in bias_of and bias_of[k] in plan.weights.tensors)]
+        for i, key in enumerate(order):  # a bias is written with its weight, in the same shard
+            if i + 1 < len(order):
+                reader.prefetch(order[i + 1])  # the disk reads the next tensor while this one is quantized
             tensor = reader.read(key)
             layer = plan.layers.get(key)
             if layer is None:
@@ -327,7 +350,7 @@ def quantize_checkpoint(
     local = hub.is_local(source)
     # For a local source, download() only resolves the path (~ expanded) and refuses a file.
     local_folder = hub.download(source, patterns=[]) if local else None
-    out = Path(output).expanduser() if output else default_output(source, spec)
+    out = Path(output).expanduser() if output else default_output(source, spec, local_folder)
     if not dry_run:
         _check_output(out, local_folder, overwrite)
 
@@ -337,7 +360,7 @@ def quantize_checkpoint(
     elif dry_run:
         folder, plan = plan_remote(source, spec, components, revision=revision, token=token)
     else:
-        patterns = download_patterns(source, revision=revision, token=token)
+        patterns = download_patterns(source, revision=revision, token=token, components=components)
         folder = hub.download(source, patterns=patterns, revision=revision, token=token, progress=progress.enabled)
         plan = plan_folder(folder, spec, components, source=source)
     result = QuantizeResult(
@@ -346,7 +369,7 @@ def quantize_checkpoint(
         spec=spec,
         kind=plan.kind,
         components=[],
-        copied=plan.copied,
+        copied=_copied_entries(folder, plan.copied),
         dry_run=dry_run,
         device=device,
     )
@@ -372,8 +395,13 @@ def quantize_checkpoint(
         tmp.mkdir()
         _write(plan, spec, folder, tmp, device, progress, result)
         _replace(tmp, out, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise QtoolError(
+                f"no space left on the device while writing {out}",
+                hint="free some space, or choose an --output on a larger disk",
+            ) from exc
         raise
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = peak_rss_bytes()
@@ -385,11 +413,8 @@ def _write(plan: Plan, spec: QuantSpec, folder: Path, tmp: Path, device: str, pr
         target = tmp / component.name if component.name else tmp
         result.components.append(_quantize_component(component, spec, target, device, progress))
         verify_component(component, spec, target)
-    for name in plan.copied:
-        entry = folder / name
-        if entry.is_file() and name.endswith(WEIGHT_SUFFIXES):
-            continue
-        _copy_entry(entry, tmp / name)
+    for name in result.copied:
+        _copy_entry(folder / name, tmp / name)
 
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -401,23 +426,51 @@ def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
         old = out.resolve().parent / f".{out.name}.qtool-old-{os.getpid()}"
         os.replace(out, old)
     os.replace(tmp, out)
-    if old is not None:
+    if old is None:
+        return
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
+    else:  # a file, or a symlink (its target is not ours to delete)
+        old.unlink(missing_ok=True)
 
 
-def download_patterns(source: str, *, revision: str | None, token: str | None) -> list[str]:
+def download_patterns(
+    source: str, *, revision: str | None, token: str | None, components: list[str] | None = None
+) -> list[str]:
     """What to fetch from the Hub: model_index.json and the pipeline's component folders, or a model's files,
-    never the single-file checkpoints at a pipeline repo's root."""
+    never the single-file checkpoints at a pipeline repo's root.
+
+    Refuses first what the repo's JSON files decide (a QtoolError before any weight is downloaded): ``components``
+    naming a component the pipeline lacks, or given for one model, and a checkpoint that is already quantized.
+    """
     from qtool import hub
+    from qtool.plan import choose_components, pipeline_components
 
     files = hub.list_files(source, revision=revision, token=token)
     if "model_index.json" not in files:
+        if components:
+            raise QtoolError("--components applies to pipelines (repos with model_index.json); this is one model")
+        _refuse_quantized(source, "config.json", files, revision, token)
         return ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
-    from qtool.plan import pipeline_components
-
     # Every component is needed for the output pipeline to load; --components only chooses what is quantized.
     available = pipeline_components(hub.read_json(source, "model_index.json", revision=revision, token=token))
+    for name in choose_components(available, components):
+        _refuse_quantized(source, f"{name}/config.json", files, revision, token)
     return ["model_index.json", *(f"{name}/*" for name in available)]
+
+
+def _refuse_quantized(source: str, config: str, files: list[str], revision, token) -> None:
+    from qtool import hub
+
+    if config not in files:
+        return  # plan_folder says what is missing, after the download
+    quantization = hub.read_json(source, config, revision=revision, token=token).get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+        where = f"{source}/{config.removesuffix('/config.json')}" if "/" in config else source
+        raise QtoolError(
+            f"{where} is already quantized ({method})", hint="point qtool at the original (unquantized) checkpoint"
+        )
 
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -457,7 +510,7 @@ def _remote_weights(source: str, folder: Path, prefix: str, files: list[str], re
 def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, revision=None, token=None):
     """Plan a Hub repo from its JSON files and safetensors headers only: what --dry-run and footprint need."""
     from qtool import hub
-    from qtool.plan import choose_components, pipeline_components, plan_component, read_json
+    from qtool.plan import check_skips, choose_components, pipeline_components, plan_component, read_json
 
     files = hub.list_files(source, revision=revision, token=token)
     folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
@@ -469,9 +522,14 @@ def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, r
                            spec)
             for name in chosen
         ]  # fmt: skip
-        copied = sorted({f.split("/")[0] for f in files} - set(chosen))
+        check_skips(plans, spec)
+        # What a run downloads and copies (download_patterns): model_index.json and the other component folders.
+        folders = {f.split("/")[0] for f in files if "/" in f and f.split("/")[0] in available}
+        copied = sorted({"model_index.json"} | (folders - set(chosen)))
         return folder, Plan(source=source, kind="pipeline", spec=spec, components=plans, copied=copied)
     if components:
         raise QtoolError("--components applies to pipelines (repos with model_index.json); this is one model")
     weights = _remote_weights(source, folder, "", files, revision, token)
-    return folder, Plan(source=source, kind="model", spec=spec, components=[plan_component("", folder, weights, spec)])
+    plan = plan_component("", folder, weights, spec)
+    check_skips([plan], spec)
+    return folder, Plan(source=source, kind="model", spec=spec, components=[plan])

@@ -51,6 +51,7 @@ class ComponentPlan:
     layers: dict[str, LayerPlan]
     kept_linears: dict[str, str]
     key_order: list[str]
+    skips_matched: set[str] = field(default_factory=set)  # the --skip names that keep at least one Linear here
 
     @property
     def folder(self) -> Path:
@@ -187,7 +188,7 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
     if "quantization_config" in config:
         raise QtoolError(
             f"{folder} is already quantized ({config['quantization_config'].get('quant_method', '?')})",
-            hint="use `qtool dequantize` first, or point qtool at the original checkpoint",
+            hint="point qtool at the original (unquantized) checkpoint",
         )
     library, class_name = detect_library(config, folder / "config.json")
     model = build_meta_model(library, class_name, folder)
@@ -218,6 +219,7 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
         def keeps(fqn: str, names: list[str] = patterns) -> bool:
             return transformers_keeps(fqn, names)
 
+    tied = getattr(model, "all_tied_weights_keys", None) or {}  # transformers: {tied key: the key it shares}
     layers: dict[str, LayerPlan] = {}
     kept: dict[str, str] = {}
     for fqn, module in candidates.items():
@@ -226,11 +228,20 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
             kept[fqn] = "--skip" if skip and keeps(fqn, skip) else f"{library} keeps it"
             continue
         info = weights.tensors.get(key)
+        if info is None and key in tied:
+            # Only with --skip, which replaces transformers' default skips (they keep every tied weight): transformers
+            # would then wrap the tied 16-bit weight in a bitsandbytes layer that fails at its first forward.
+            raise QtoolError(
+                f"{name or class_name}: {fqn} shares its weight with {tied[key]} (tied, not stored); a --skip list "
+                f"replaces transformers' default skips, so it would load as a bitsandbytes layer that cannot run",
+                hint=f"add --skip {fqn} (transformers keeps it unquantized only when no skip list is given)",
+            )
         if info is None:
             raise QtoolError(f"{name or class_name}: the checkpoint has no tensor {key!r} for Linear {fqn}")
         check_linear_weight(info, (module.out_features, module.in_features))
         layers[key] = LayerPlan(fqn=fqn, key=key, shape=tuple(info.shape), dtype=info.dtype)
 
+    matched = {s for s in skip if any(keeps(fqn, [s]) for fqn in candidates)}
     model_order = list(model.state_dict().keys())
     key_order = [k for k in model_order if k in weights.tensors]
     key_order += [k for k in weights.tensors if k not in set(key_order)]
@@ -243,7 +254,21 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
         layers=layers,
         kept_linears=kept,
         key_order=key_order,
+        skips_matched=matched,
     )
+
+
+def check_skips(plans: list[ComponentPlan], spec: QuantSpec) -> None:
+    """Refuse a --skip name that keeps no Linear in any quantized component: a typo would otherwise quantize the
+    layer the user meant to keep, silently."""
+    unmatched = [s for s in spec.skip if not any(s in p.skips_matched for p in plans)]
+    if unmatched:
+        where = ", ".join(p.name or p.class_name for p in plans)
+        example = next((layer.fqn for p in plans for layer in p.layers.values()), "proj_out")
+        raise QtoolError(
+            f"--skip {', '.join(unmatched)} matches no Linear layer of {where}",
+            hint=f"name a module as the model names it, e.g. {example} (a module keeps every Linear inside it)",
+        )
 
 
 def check_linear_weight(info: TensorInfo, shape: tuple[int, int]) -> None:
@@ -291,12 +316,14 @@ def plan_folder(folder: Path, spec: QuantSpec, components: list[str] | None = No
         available = pipeline_components(read_json(folder / "model_index.json"))
         chosen = choose_components(available, components)
         plans = [plan_component(name, folder / name, scan_component(folder / name), spec) for name in chosen]
+        check_skips(plans, spec)
         copied = sorted(p.name for p in folder.iterdir() if p.name not in chosen)
         return Plan(source=source or str(folder), kind="pipeline", spec=spec, components=plans, copied=copied)
     if (folder / "config.json").exists():
         if components:
             raise QtoolError("--components applies to pipelines (folders with model_index.json); this is one model")
         plan = plan_component("", folder, scan_component(folder), spec)
+        check_skips([plan], spec)
         return Plan(source=source or str(folder), kind="model", spec=spec, components=[plan])
     raise QtoolError(
         f"{folder} has neither model_index.json (a diffusers pipeline) nor config.json (a model)",

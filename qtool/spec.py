@@ -7,6 +7,7 @@ quantizer and ``llm_int8_skip_modules`` shapes the module replacement, so it mus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from qtool.errors import QtoolError
@@ -46,6 +47,11 @@ class QuantSpec:
             raise QtoolError(f"--blocksize must be a power of two from 32 to 4096, got {self.blocksize}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise QtoolError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if not math.isfinite(self.threshold) or self.threshold < 0:
+            # NaN or infinity would go into config.json, which JSON does not allow (strict parsers refuse it).
+            raise QtoolError(
+                f"--threshold must be a finite number >= 0, got {self.threshold}", hint="LLM.int8's default is 6.0"
+            )
         if self.bits == 8 and (self.double_quant or self.quant_type != "nf4" or self.blocksize != 64):
             raise QtoolError(
                 "--nf4/--fp4, --double-quant and --blocksize apply to 4-bit only",

@@ -62,7 +62,12 @@ def quantize(
     ] = 6.0,
     output: Annotated[
         str | None,
-        typer.Option("--output", "-o", help="Output folder. Default: ./<source name>-<method>.", show_default=False),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Output folder. Default: ./<source name>-<method> (beside the source when run inside it).",
+            show_default=False,
+        ),
     ] = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,

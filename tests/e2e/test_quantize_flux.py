@@ -10,22 +10,13 @@ import os
 
 import pytest
 import torch
-from bnb_loading import load
+from bnb_loading import METHODS, assert_matches_bnb_files, flux_inputs, load, read_all
 from typer.testing import CliRunner
 
-from compat import check_4bit_codes, check_int8_codes
-from helpers import assert_equal
 from qtool.cli.app import app
-from qtool.io.reader import TensorReader, scan_component
-from qtool.spec import QuantSpec
 
 pytestmark = pytest.mark.bnb
 
-METHODS = {
-    "nf4-dq": (["--bits", "4", "--nf4", "--double-quant"], QuantSpec(double_quant=True)),
-    "fp4": (["--bits", "4", "--fp4"], QuantSpec(quant_type="fp4")),
-    "int8": (["--bits", "8"], QuantSpec(bits=8)),
-}
 COMPONENTS = {
     "transformer": ("diffusers", "FluxTransformer2DModel"),
     "text_encoder_2": ("transformers", "T5EncoderModel"),
@@ -40,12 +31,6 @@ def quantized(request, tiny_flux, tmp_path_factory):
     assert result.exit_code == 0, result.output
     assert result.output.strip() == str(out)
     return out, spec
-
-
-def read_all(folder):
-    weights = scan_component(folder)
-    with TensorReader(weights) as reader:
-        return {key: reader.read(key).clone() for key in weights.tensors}
 
 
 def test_layout_and_configs(quantized, tiny_flux):
@@ -68,23 +53,7 @@ def test_matches_bnb_save_pretrained(quantized, tiny_flux, tmp_path, name):
     library, class_name = COMPONENTS[name]
     model = load(tiny_flux / name, library, class_name, spec)
     model.save_pretrained(tmp_path / "bnb")  # before any forward pass (cpu-testing.md §3.3)
-    ours, theirs = read_all(out / name), read_all(tmp_path / "bnb")
-    assert sorted(ours) == sorted(theirs), "key sets differ"
-    for key in theirs:
-        assert (ours[key].dtype, ours[key].shape) == (theirs[key].dtype, theirs[key].shape), key
-    source = read_all(tiny_flux / name)
-    differing = 0
-    for key in theirs:
-        fqn = key.removesuffix(".weight")
-        if key.endswith(".weight") and ours[key].dtype == torch.uint8:  # a packed 4-bit weight
-            differing += check_4bit_codes(source[key], ours[key], theirs[key], spec.quant_type, spec.blocksize)
-        elif key.endswith(".weight") and ours[key].dtype == torch.int8:
-            differing += check_int8_codes(source[key], ours[key], theirs[key], ours[f"{fqn}.SCB"])
-        elif ".absmax" in key and spec.double_quant:
-            continue  # nested codes: bnb CPU snaps to a grid (compat.check_nested_codes; covered in test_against_bnb)
-        else:
-            assert_equal(ours[key], theirs[key], key)
-    assert differing <= 0.02 * sum(t.numel() for t in source.values())
+    assert_matches_bnb_files(read_all(out / name), read_all(tmp_path / "bnb"), read_all(tiny_flux / name), spec)
 
 
 @pytest.mark.parametrize("name", list(COMPONENTS))
@@ -111,16 +80,3 @@ def test_loads_without_arguments_and_runs_like_bnb(quantized, tiny_flux, name):
     # Codes differ from bnb CPU only at ties (FP4, int8) and nested-code grid snaps (double quant): a perturbation
     # of one quantization step in <2% of weights, far below the quantization error itself (SQNR ~20 dB = 10%).
     assert (a.float() - b.float()).norm() <= 0.05 * b.float().norm()
-
-
-def flux_inputs(config) -> dict:
-    tokens, text = 16, 8
-    return {
-        "hidden_states": torch.randn(1, tokens, config.in_channels, dtype=torch.bfloat16),
-        "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim, dtype=torch.bfloat16),
-        "pooled_projections": torch.randn(1, config.pooled_projection_dim, dtype=torch.bfloat16),
-        "timestep": torch.tensor([0.5], dtype=torch.bfloat16),
-        "img_ids": torch.zeros(tokens, 3, dtype=torch.bfloat16),
-        "txt_ids": torch.zeros(text, 3, dtype=torch.bfloat16),
-        "guidance": torch.tensor([3.5], dtype=torch.bfloat16),
-    }

@@ -1,0 +1,484 @@
+"""qtool.api.quantize_checkpoint's contract on the tiny FLUX-shaped pipeline: the output appears complete or not at
+all, refusals come before any work, dry runs predict what a run writes, and the Hub path (qtool.hub faked by
+conftest.FakeHub) fetches only what it needs and writes what a local run writes. The codecs and bitsandbytes
+compatibility are tested elsewhere (tests/reference, tests/e2e)."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtool import api
+from qtool.errors import QtoolError
+from qtool.spec import QuantSpec
+
+REPO = "acme/tiny-flux"
+REVISION = "v1.0"
+TOKEN = "hf_QtoolApiTestToken0123456789abcdefXYZ"
+# tiny_flux's components in model_index.json order, and the two quantized by default.
+COMPONENTS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+QUANTIZED = ("transformer", "text_encoder_2")
+LAYERS = {"transformer": 50, "text_encoder_2": 12}
+# Root files of a real FLUX.1-dev repo that are not part of the diffusers layout.
+ROOT_EXTRAS = ("flux1-dev.safetensors", "ae.safetensors", "README.md", "dev_grid.jpg")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too), by relative path, with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def state(folder: Path) -> dict[str, tuple]:
+    """Every entry under ``folder``: kind, size, mtime and inode, so that any write, removal or rename shows."""
+    out = {}
+    for path in folder.rglob("*"):
+        st = path.lstat()
+        out[path.relative_to(folder).as_posix()] = (path.is_symlink(), path.is_dir(), st.st_size, st.st_mtime_ns)
+    return out
+
+
+def resolve(target: str):
+    """The object a dotted name such as ``qtool.io.writer.ShardedWriter.add_group`` names."""
+    parts = target.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(target)
+
+
+def fail_on_call(monkeypatch, target: str, n: int, exc: BaseException) -> dict:
+    """Make the dotted ``target`` raise ``exc`` at its n-th call (earlier calls work); returns the call counter."""
+    original = resolve(target)
+    calls = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise exc
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, wrapper)
+    return calls
+
+
+@pytest.fixture
+def model_copy(tiny_flux, tmp_path) -> Path:
+    """A private single-model folder (tiny_flux's T5 encoder, config.json + shards) inside tmp_path."""
+    return Path(shutil.copytree(tiny_flux / "text_encoder_2", tmp_path / "t5"))
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if quantize_checkpoint reads a tensor or starts writing the output."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("quantize_checkpoint started working before it refused")
+
+    monkeypatch.setattr("qtool.api._write", forbidden)
+    monkeypatch.setattr("qtool.io.reader.TensorReader.read", forbidden)
+
+
+def refused(where: Path, source, **kwargs) -> QtoolError:
+    """Run quantize_checkpoint expecting a QtoolError that leaves ``where`` exactly as it was; return the error."""
+    before = state(where)
+    with pytest.raises(QtoolError) as info:
+        api.quantize_checkpoint(source, **{"device": "cpu", **kwargs})
+    assert state(where) == before
+    assert info.value.message and "\n" not in info.value.message
+    return info.value
+
+
+# Atomic output
+
+
+# (what fails, at which call, with what, what quantize_checkpoint then raises): the 55th of the 62 quantized layers
+# (the transformer is complete by then), the 60th tensor group written, the 4th of the 6 entries copied as they are.
+FAILURES = {
+    "quantize-error": ("qtool.quantize.quantize_tensor", 55, RuntimeError("injected"), RuntimeError),
+    "ctrl-c": ("qtool.quantize.quantize_tensor", 55, KeyboardInterrupt(), KeyboardInterrupt),
+    "disk-full": ("qtool.io.writer.ShardedWriter.add_group", 60, OSError(errno.ENOSPC, "No space left"), QtoolError),
+    "copy-error": ("qtool.api._copy_entry", 4, OSError(errno.EIO, "Input/output error"), OSError),
+}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "overwrite"])
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_a_failure_midway_leaves_no_trace(tiny_flux, tmp_path, monkeypatch, failure, existing):
+    """A failure or Ctrl-C midway leaves no output, no temporary folder, and any old output as it was."""
+    target, n, exc, expected = FAILURES[failure]
+    out = tmp_path / "tiny-flux-nf4"
+    if existing:
+        (out / "transformer").mkdir(parents=True)
+        (out / "transformer" / "config.json").write_text("{}")
+        (out / "old.txt").write_text("the previous run")
+    before = tree(tmp_path)
+    calls = fail_on_call(monkeypatch, target, n, exc)
+    with pytest.raises(expected):
+        api.quantize_checkpoint(tiny_flux, output=out, device="cpu", overwrite=existing)
+    assert calls["n"] == n, "the failure was not reached"
+    assert sorted(os.listdir(tmp_path)) == (["tiny-flux-nf4"] if existing else [])
+    assert tree(tmp_path) == before
+
+
+def test_an_existing_output_is_refused_and_left_untouched(tiny_flux, tmp_path, no_work):
+    """Without overwrite, an existing output folder is refused before any work, with a hint, and not touched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    error = refused(tmp_path, tiny_flux, output=out)
+    assert error.message == f"{out} already exists"
+    assert error.hint == "pass --overwrite to replace it, or choose --output"
+
+
+def test_overwrite_replaces_the_old_output(tiny_flux, tiny_flux_nf4, tmp_path):
+    """overwrite=True removes every old file and leaves exactly a fresh complete output, nothing beside it."""
+    out = tmp_path / "out"
+    (out / "transformer").mkdir(parents=True)
+    (out / "transformer" / "diffusion_pytorch_model-00001-of-00009.safetensors").write_bytes(b"stale")
+    (out / ".hidden").write_text("stale")
+    result = api.quantize_checkpoint(tiny_flux, output=out, device="cpu", overwrite=True)
+    assert result.output == out
+    assert os.listdir(tmp_path) == ["out"]
+    assert tree(out) == tree(tiny_flux_nf4.output)
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_overwrite_replaces_a_file_or_a_symlink_and_leaves_nothing_beside(tiny_flux, tmp_path, kind):
+    """overwrite=True replaces a file or a symlink by the output, leaving nothing beside it and the link's target."""
+    out = tmp_path / "out"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "theirs.txt").write_text("not ours to delete")
+    if kind == "file":
+        out.write_text("a file")
+    else:
+        out.symlink_to(elsewhere, target_is_directory=True)
+    api.quantize_checkpoint(tiny_flux, output=out, device="cpu", overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "out"]
+    assert out.is_dir() and not out.is_symlink() and (out / "model_index.json").is_file()
+    assert tree(elsewhere) == {"theirs.txt": b"not ours to delete"}
+
+
+# Refusals before any work
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "parent", "through-a-link"])
+def test_an_output_overlapping_the_input_is_refused(model_copy, tmp_path, no_work, where):
+    """The output can be neither the input, nor inside it, nor around it (even with overwrite, even via a link)."""
+    if where == "through-a-link":
+        (tmp_path / "link").symlink_to(model_copy, target_is_directory=True)
+    output = {"same": model_copy, "inside": model_copy / "q", "parent": tmp_path, "through-a-link": tmp_path / "link"}
+    error = refused(tmp_path, model_copy, output=output[where], overwrite=True)
+    assert error.message == f"the output {output[where]} overlaps the input {model_copy.resolve()}"
+    assert error.hint == "choose an output folder elsewhere"
+
+
+def test_a_missing_output_parent_is_refused(tiny_flux, tmp_path, no_work):
+    """An output whose parent folder does not exist is refused, saying which folder and what to do."""
+    error = refused(tmp_path, tiny_flux, output=tmp_path / "missing" / "out")
+    assert error.message == f"the output's parent folder {(tmp_path / 'missing').resolve()} does not exist"
+    assert error.hint == "create it first, or choose another --output"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused(tiny_flux, tmp_path, no_work):
+    """device="cuda" on a machine without CUDA is refused with the way out (--device cpu)."""
+    error = refused(tmp_path, tiny_flux, output=tmp_path / "out", device="cuda")
+    assert (error.message, error.hint) == ("--device cuda, but PyTorch sees no CUDA GPU", "use --device cpu (slower)")
+
+
+def test_an_unknown_device_is_refused(tiny_flux, tmp_path, no_work):
+    """A device other than cuda or cpu is refused (the API is callable without the CLI's choices)."""
+    error = refused(tmp_path, tiny_flux, output=tmp_path / "out", device="tpu")
+    assert error.message == "--device must be cuda or cpu, got 'tpu'"
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused(tmp_path, no_work):
+    """A folder with neither model_index.json nor config.json is refused, saying what qtool expects."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 8)
+    error = refused(tmp_path, folder, output=tmp_path / "out")
+    assert error.message == (
+        f"{folder.resolve()} has neither model_index.json (a diffusers pipeline) nor config.json (a model)"
+    )
+    assert error.hint == "point qtool at a folder written by save_pretrained, or at a Hub repo id"
+
+
+@pytest.mark.parametrize("part", ["pipeline", "model"])
+def test_an_already_quantized_source_is_refused(tiny_flux_nf4, tmp_path, no_work, part):
+    """qtool's own output, as a pipeline or as one model folder, is refused as already quantized."""
+    source = tiny_flux_nf4.output if part == "pipeline" else tiny_flux_nf4.output / "transformer"
+    error = refused(tmp_path, source, output=tmp_path / "out")
+    assert error.message == f"{(tiny_flux_nf4.output / 'transformer').resolve()} is already quantized (bitsandbytes)"
+    assert error.hint
+
+
+def test_a_missing_component_is_refused_with_the_list_of_components(tiny_flux, tmp_path, no_work):
+    """--components naming a component the pipeline lacks is refused, and the hint lists those it has."""
+    error = refused(tmp_path, tiny_flux, output=tmp_path / "out", components=["transformer", "unet"])
+    assert (error.message, error.hint) == ("no component 'unet' in this pipeline", f"it has: {', '.join(COMPONENTS)}")
+
+
+def test_components_on_a_single_model_are_refused(model_copy, tmp_path, no_work):
+    """--components on a model folder (no model_index.json) is refused."""
+    error = refused(tmp_path, model_copy, output=tmp_path / "out", components=["transformer"])
+    assert error.message.startswith("--components applies to pipelines")
+
+
+@pytest.mark.parametrize("source", ["pipeline", "model"])
+def test_a_skip_that_matches_nothing_is_refused(tiny_flux, model_copy, tmp_path, no_work, source):
+    """A --skip name that keeps no Linear anywhere (a typo) is refused, naming it, instead of quantizing silently."""
+    folder = tiny_flux if source == "pipeline" else model_copy
+    spec = QuantSpec(skip=("proj_out", "to_qq"))  # proj_out is a transformer module; to_qq is a typo
+    if source == "model":
+        spec = QuantSpec(skip=("wi_0", "to_qq"))
+    error = refused(tmp_path, folder, output=tmp_path / "out", spec=spec)
+    where = "transformer, text_encoder_2" if source == "pipeline" else "T5EncoderModel"
+    assert error.message == f"--skip to_qq matches no Linear layer of {where}"
+    assert error.hint.startswith("name a module as the model names it, e.g. ")
+
+
+@pytest.mark.parametrize("threshold", [float("nan"), float("inf"), -1.0])
+def test_a_threshold_json_cannot_hold_is_refused_by_the_spec(threshold):
+    """llm_int8_threshold goes into config.json: NaN, infinity (not JSON) and negative values are refused."""
+    with pytest.raises(QtoolError, match="--threshold must be a finite number >= 0"):
+        QuantSpec(threshold=threshold)
+
+
+def test_the_default_output_is_beside_a_source_that_holds_the_current_folder(model_copy, tmp_path, monkeypatch):
+    """`qtool quantize .` names the output after the folder and puts it beside it (inside it would be refused)."""
+    monkeypatch.chdir(model_copy)
+    assert api.quantize_checkpoint(".", dry_run=True, device="cpu").output == tmp_path / "t5-nf4"
+    monkeypatch.chdir(tmp_path)
+    assert api.quantize_checkpoint(model_copy, dry_run=True, device="cpu").output == tmp_path / "t5-nf4"
+
+
+def test_every_tensor_is_prefetched_before_it_is_read(model_copy, tmp_path, monkeypatch):
+    """The disk is asked for each tensor (but the first) before it is needed, so reads overlap quantization."""
+    from qtool.io.reader import TensorReader
+
+    events = []
+    read, prefetch = TensorReader.read, TensorReader.prefetch
+    monkeypatch.setattr(TensorReader, "read", lambda self, key: events.append(("read", key)) or read(self, key))
+    monkeypatch.setattr(
+        TensorReader, "prefetch", lambda self, key: events.append(("prefetch", key)) or prefetch(self, key)
+    )
+    api.quantize_checkpoint(model_copy, output=tmp_path / "out", device="cpu")
+    reads = [key for kind, key in events if kind == "read"]
+    prefetched = [key for kind, key in events if kind == "prefetch"]
+    assert sorted(set(reads)) == sorted(reads) and len(reads) == 21  # every tensor of the T5 encoder, once
+    assert all(events.index(("prefetch", key)) < events.index(("read", key)) for key in prefetched)
+    assert set(reads) - set(prefetched) == {reads[0]}
+
+
+# What a run copies
+
+
+def test_git_caches_and_root_checkpoints_are_neither_copied_nor_reported(tiny_flux, tmp_path):
+    """A clone's .git and .cache and its root checkpoints are not copied, and ``copied`` lists what was."""
+    source = tmp_path / "flux-clone"
+    shutil.copytree(tiny_flux, source, copy_function=os.link)
+    (source / ".git" / "lfs").mkdir(parents=True)
+    (source / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (source / ".cache" / "huggingface").mkdir(parents=True)
+    (source / ".cache" / "huggingface" / ".gitignore").write_text("*\n")
+    for name in ROOT_EXTRAS:
+        (source / name).write_bytes(b"never copied")
+    result = api.quantize_checkpoint(source, output=tmp_path / "out", device="cpu")
+    expected = sorted({*COMPONENTS, "model_index.json", "README.md", "dev_grid.jpg"})
+    assert sorted(os.listdir(tmp_path / "out")) == expected
+    assert result.copied == sorted(set(expected) - set(QUANTIZED))
+
+
+# Dry runs
+
+
+SPECS = [QuantSpec(), QuantSpec(double_quant=True, blocksize=128), QuantSpec(quant_type="fp4", blocksize=32),
+         QuantSpec(bits=8)]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.label}-{s.blocksize}")
+def test_a_dry_run_writes_nothing_and_predicts_the_run(tiny_flux, tmp_path, monkeypatch, spec):
+    """A dry run writes nothing and reports the run's components, copies and sizes (within a few bytes per layer)."""
+    monkeypatch.chdir(tmp_path)
+    dry = api.quantize_checkpoint(tiny_flux, spec=spec, dry_run=True, device="cpu")
+    assert os.listdir(tmp_path) == []
+    assert dry.dry_run and dry.output == tmp_path / f"tiny-flux-{spec.label}"
+    real = api.quantize_checkpoint(tiny_flux, spec=spec, output=tmp_path / "real", device="cpu")
+    assert (dry.kind, dry.copied) == (real.kind, real.copied)
+    assert [c.name for c in dry.components] == [c.name for c in real.components] == list(QUANTIZED)
+    for d, r in zip(dry.components, real.components, strict=True):
+        assert (d.class_name, d.parameters, d.layers_quantized, d.layers_kept, d.bytes_before) == (
+            r.class_name, r.parameters, r.layers_quantized, r.layers_kept, r.bytes_before,
+        )  # fmt: skip
+        assert r.layers_quantized == LAYERS[r.name]
+        assert abs(d.bytes_after - r.bytes_after) <= (0 if spec.bits == 8 else 16 * r.layers_quantized), d.name
+        assert (d.seconds, d.sqnr_mean_db, d.sqnr_min_db, d.files) == (0.0, None, None, [])
+
+
+# The Hub path, with qtool.hub faked
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_flux, tmp_path_factory) -> Path:
+    """tiny_flux as a Hub repo's files, with the root files a real FLUX.1-dev repo has beside the pipeline."""
+    folder = tmp_path_factory.mktemp("repo") / "tiny-flux"
+    shutil.copytree(tiny_flux, folder)
+    for name in ROOT_EXTRAS:
+        (folder / name).write_bytes(b"never fetched")
+    return folder
+
+
+@pytest.fixture
+def hub(fake_hub, repo, tmp_path, monkeypatch):
+    """The fake Hub serving REPO; the working directory (where default outputs go) is tmp_path."""
+    fake_hub.serve(REPO, repo)
+    monkeypatch.chdir(tmp_path)
+    return fake_hub
+
+
+def fetched(hub, repo_id: str) -> set[str]:
+    """The repo files that the downloads so far matched."""
+    patterns = [p for call in hub.downloaded_patterns() for p in call]
+    return {f for f in hub.files(repo_id) if any(fnmatch.fnmatch(f, p) for p in patterns)}
+
+
+def assert_calls_carry_revision_and_token(hub) -> None:
+    assert hub.calls, "no Hub call was made"
+    for name, _, kwargs in hub.calls:
+        assert (kwargs["revision"], kwargs["token"]) == (REVISION, TOKEN), name
+
+
+def test_download_patterns_fetch_the_pipeline_and_never_root_checkpoints(hub):
+    """A pipeline repo's download is model_index.json and the component folders, never its root files."""
+    patterns = api.download_patterns(REPO, revision=REVISION, token=TOKEN)
+    files = hub.files(REPO)
+    matched = {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)}
+    assert matched == {"model_index.json"} | {f for f in files if f.split("/")[0] in COMPONENTS}
+    assert not matched & set(ROOT_EXTRAS)
+    assert_calls_carry_revision_and_token(hub)
+
+
+def test_download_patterns_of_a_model_repo_fetch_the_whole_model(fake_hub, tiny_flux):
+    """From a one-model repo (no model_index.json): its config, index and every shard."""
+    fake_hub.serve("acme/t5", tiny_flux / "text_encoder_2")
+    patterns = api.download_patterns("acme/t5", revision=None, token=None)
+    files = fake_hub.files("acme/t5")
+    assert {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)} == set(files)
+
+
+def test_a_dry_run_on_a_repo_reads_json_and_headers_only(hub, tiny_flux, tmp_path):
+    """A dry run on a repo downloads only *.json, reads headers, writes nothing, and matches a local dry run."""
+    result = api.quantize_checkpoint(REPO, dry_run=True, revision=REVISION, token=TOKEN, device="cpu")
+    assert hub.downloaded_patterns() == [["*.json"]]
+    assert all(f.endswith(".json") for f in fetched(hub, REPO))
+    headers = {f for name, _, kwargs in hub.calls if name == "safetensors_headers" for f in kwargs["filenames"]}
+    assert headers == {f for f in hub.files(REPO) if f.split("/")[0] in QUANTIZED and f.endswith(".safetensors")}
+    assert os.listdir(tmp_path) == []
+    local = api.quantize_checkpoint(tiny_flux, dry_run=True, device="cpu")
+    assert (result.kind, result.copied, result.output) == (local.kind, local.copied, tmp_path / "tiny-flux-nf4")
+    assert [vars(c) for c in result.components] == [vars(c) for c in local.components]
+    assert_calls_carry_revision_and_token(hub)
+    assert TOKEN not in repr(result) and TOKEN not in json.dumps(result.to_dict())
+
+
+def test_a_run_through_the_hub_writes_what_a_local_run_writes(hub, tiny_flux_nf4, tmp_path):
+    """A run on a repo writes a local run's output byte for byte; revision and token reach the Hub, never the output."""
+    result = api.quantize_checkpoint(REPO, revision=REVISION, token=TOKEN, device="cpu")
+    assert not fetched(hub, REPO) & set(ROOT_EXTRAS)
+    assert result.output == tmp_path / "tiny-flux-nf4" and os.listdir(tmp_path) == ["tiny-flux-nf4"]
+    assert tree(result.output) == tree(tiny_flux_nf4.output)
+    volatile = {"output", "source", "seconds", "peak_rss_bytes"}
+    ours, local = result.to_dict(), tiny_flux_nf4.to_dict()
+    for data in (ours, local):
+        for component in data["components"]:
+            component.pop("seconds")
+    assert {k: v for k, v in ours.items() if k not in volatile} == {k: v for k, v in local.items() if k not in volatile}
+    assert ours["source"] == REPO
+    assert_calls_carry_revision_and_token(hub)
+    assert TOKEN not in repr(result) and TOKEN not in json.dumps(ours)
+    assert not any(TOKEN.encode() in data for data in tree(tmp_path).values())
+
+
+@pytest.mark.parametrize("case", ["missing-component", "already-quantized", "components-on-a-model"])
+def test_a_refusal_on_a_repo_comes_before_downloading_weights(
+    fake_hub, tiny_flux, tiny_flux_nf4, tmp_path, monkeypatch, case
+):
+    """Refusals that the repo's JSON files decide come before any weight is downloaded, and never show the token."""
+    monkeypatch.chdir(tmp_path)
+    served = {"missing-component": tiny_flux, "already-quantized": tiny_flux_nf4.output,
+              "components-on-a-model": tiny_flux / "text_encoder_2"}[case]  # fmt: skip
+    fake_hub.serve("acme/x", served)
+    components = None if case == "already-quantized" else ["unet"]
+    with pytest.raises(QtoolError) as info:
+        api.quantize_checkpoint("acme/x", components=components, revision=REVISION, token=TOKEN, device="cpu")
+    expected = {"missing-component": "no component 'unet' in this pipeline",
+                "already-quantized": "is already quantized (bitsandbytes)",
+                "components-on-a-model": "--components applies to pipelines"}[case]  # fmt: skip
+    assert expected in info.value.message
+    assert not any(f.endswith(".safetensors") for f in fetched(fake_hub, "acme/x"))
+    assert TOKEN not in f"{info.value.message} {info.value.hint}"
+    assert os.listdir(tmp_path) == []
+
+
+# QuantizeResult.to_dict
+
+
+RESULT_TYPES = {"output": str, "source": str, "kind": str, "method": str, "quantization_config": dict,
+                "dry_run": bool, "device": str, "seconds": float, "peak_rss_bytes": int, "copied": list,
+                "components": list}  # fmt: skip
+COMPONENT_TYPES = {"name": str, "class": str, "parameters": int, "layers_quantized": int, "layers_kept": int,
+                   "bytes_before": int, "bytes_after": int, "seconds": float, "sqnr_mean_db": (float, type(None)),
+                   "sqnr_min_db": (float, type(None)), "files": list}  # fmt: skip
+
+
+def check_schema(data: dict) -> None:
+    assert list(data) == list(RESULT_TYPES)
+    for key, kind in RESULT_TYPES.items():
+        assert type(data[key]) is kind, key  # exact: a bool is not an int here
+    assert all(type(name) is str for name in data["copied"])
+    for component in data["components"]:
+        assert list(component) == list(COMPONENT_TYPES)
+        for key, kinds in COMPONENT_TYPES.items():
+            assert type(component[key]) in (kinds if isinstance(kinds, tuple) else (kinds,)), key
+        assert all(type(name) is str for name in component["files"])
+    # Strict JSON (no NaN or Infinity), and a lossless round trip.
+    assert json.loads(json.dumps(data, allow_nan=False)) == data
+
+
+def test_to_dict_of_a_run(tiny_flux_nf4):
+    """to_dict() of a run: the documented keys and types, the run's values, strict JSON."""
+    data = tiny_flux_nf4.to_dict()
+    check_schema(data)
+    assert (data["kind"], data["method"], data["dry_run"], data["device"]) == ("pipeline", "nf4", False, "cpu")
+    assert data["output"] == str(tiny_flux_nf4.output)
+    assert data["quantization_config"] == QuantSpec().quantization_config()
+    assert data["peak_rss_bytes"] > 0 and data["seconds"] > 0
+    assert [c["name"] for c in data["components"]] == list(QUANTIZED)
+    for c in data["components"]:
+        assert c["layers_quantized"] == LAYERS[c["name"]] and c["bytes_after"] < c["bytes_before"]
+        assert 15 < c["sqnr_min_db"] <= c["sqnr_mean_db"] < 30
+        assert c["files"] and all((tiny_flux_nf4.output / c["name"] / f).is_file() for f in c["files"])
+
+
+def test_to_dict_of_a_dry_run(tiny_flux):
+    """to_dict() of a dry run: the same schema, with no timings, SQNR or files."""
+    data = api.quantize_checkpoint(tiny_flux, spec=QuantSpec(bits=8), dry_run=True, device="cpu").to_dict()
+    check_schema(data)
+    assert (data["method"], data["dry_run"], data["peak_rss_bytes"]) == ("int8", True, 0)
+    for c in data["components"]:
+        assert (c["seconds"], c["sqnr_mean_db"], c["sqnr_min_db"], c["files"]) == (0.0, None, None, [])
