@@ -14,7 +14,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
-import httpx2
 import huggingface_hub
 import pytest
 import torch
@@ -44,13 +43,18 @@ REPO = "acme/tiny-flux"
 URL = f"{constants.ENDPOINT}/{REPO}"
 TOKEN = "hf_QtoolFakeToken0123456789abcdefXYZ"
 
+try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx; qtool.hub maps the errors of either
+    import httpx2 as http_client
+except ImportError:
+    import httpx as http_client
+
 
 def patch_hf(name: str, **kwargs) -> mock._patch:
     return mock.patch.object(huggingface_hub, name, **kwargs)
 
 
-def response(status: int, url: str = f"{URL}/resolve/main/config.json") -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("GET", url))
+def response(status: int, url: str = f"{URL}/resolve/main/config.json") -> http_client.Response:
+    return http_client.Response(status, request=http_client.Request("GET", url))
 
 
 def http_error(cls: type, status: int, message: str = "Client Error") -> Exception:
@@ -162,13 +166,13 @@ def test_list_files_offline_uses_the_cached_listing():
 
 def test_list_files_offline_without_a_cached_listing():
     with (
-        patch_hf("list_repo_files", side_effect=httpx2.ConnectError("no route")),
+        patch_hf("list_repo_files", side_effect=http_client.ConnectError("no route")),
         patch_hf("get_cached_repo_tree", side_effect=CachedRepoTreeNotFoundError("none")),
         pytest.raises(QtoolError, match="cannot reach the Hugging Face Hub") as info,
     ):
         hub.list_files(REPO)
     assert URL in info.value.message
-    assert isinstance(info.value.__cause__, httpx2.ConnectError)
+    assert isinstance(info.value.__cause__, http_client.ConnectError)
 
 
 # download
@@ -436,8 +440,8 @@ ERRORS = {
         ["cannot reach the Hugging Face Hub", URL],
         ["check the network", "HF_HUB_OFFLINE", "local folder"],
     ),
-    "connect": (lambda: httpx2.ConnectError("[Errno 111] refused"), ["cannot reach", URL], ["check the network"]),
-    "timeout": (lambda: httpx2.ReadTimeout("timed out"), ["cannot reach", URL], ["check the network"]),
+    "connect": (lambda: http_client.ConnectError("[Errno 111] refused"), ["cannot reach", URL], ["check the network"]),
+    "timeout": (lambda: http_client.ReadTimeout("timed out"), ["cannot reach", URL], ["check the network"]),
     "401": (
         lambda: http_error(HfHubHTTPError, 401, "Unauthorized"),
         ["rejected the token", "HTTP 401", URL],
@@ -501,11 +505,11 @@ def test_other_exceptions_pass_through():
 
 def leaky_error(cls_case: str) -> Exception:
     """A huggingface_hub error whose message and cause both quote the token (the worst case)."""
-    cause = httpx2.ConnectError(f"failed with headers {{'authorization': 'Bearer {TOKEN}'}}")
+    cause = http_client.ConnectError(f"failed with headers {{'authorization': 'Bearer {TOKEN}'}}")
     if cls_case == "http":
         exc = HfHubHTTPError(f"401 Unauthorized for token {TOKEN}", response=response(401))
     elif cls_case == "connect":
-        exc = httpx2.ConnectError(f"could not connect as {TOKEN}")
+        exc = http_client.ConnectError(f"could not connect as {TOKEN}")
     elif cls_case == "not-found":
         exc = RepositoryNotFoundError(f"Repository Not Found ({TOKEN})", response=response(404))
     else:
