@@ -81,7 +81,8 @@ def load(
             return getattr(diffusers, class_name).from_pretrained(folder, torch_dtype=dtype, device_map="cpu", **kwargs)
     import transformers
 
-    return getattr(transformers, class_name).from_pretrained(folder, dtype=dtype, **kwargs)
+    # device_map="cpu" also where a GPU exists: transformers would put a bnb model on it, away from the inputs.
+    return getattr(transformers, class_name).from_pretrained(folder, dtype=dtype, device_map="cpu", **kwargs)
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:

@@ -110,7 +110,10 @@ class Case:
 
 def quantize(source: Path, out: Path, args: list[str]) -> None:
     """`qtool quantize SOURCE --output OUT --quiet ARGS` through the CLI; it must succeed and print only OUT."""
-    result = CliRunner().invoke(app, ["quantize", str(source), "--output", str(out), "--quiet", *args])
+    # --device cpu: the bnb reference is quantized on the CPU too (see test_quantize_flux.py).
+    result = CliRunner().invoke(
+        app, ["quantize", str(source), "--output", str(out), "--quiet", "--device", "cpu", *args]
+    )
     assert result.exit_code == 0, result.output
     assert result.output.strip() == str(out)
 
@@ -317,7 +320,9 @@ def test_skip_without_tied_lm_head_is_refused(sources, tmp_path):
     with pytest.raises(AssertionError):  # bnb: a Linear4bit weight must be packed, [n, 1]
         forward(theirs, "llama-tied")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["quantize", str(source), "--output", str(out), "--skip", spec.skip[0]])
+    result = CliRunner().invoke(
+        app, ["quantize", str(source), "--output", str(out), "--device", "cpu", "--skip", spec.skip[0]]
+    )
     assert result.exit_code == 1, result.output
     assert "lm_head shares its weight with model.embed_tokens.weight" in result.stderr
     assert "hint: add --skip lm_head" in result.stderr
