@@ -213,10 +213,18 @@ def _quantize_component(
         ShardedWriter(out, plan.weights.base_name, MAX_SHARD_SIZE[plan.library]) as writer,
     ):
         order = [k for k in plan.key_order if not (k in bias_of and bias_of[k] in plan.weights.tensors)]
+        # Every tensor passes through one reused buffer (pinned for fast copies to the GPU); each is done with (written,
+        # or quantized into new tensors) before the next read overwrites it. Biases, read while their weight is still
+        # in it, get their own.
+        staging = torch.empty(
+            max((plan.weights.tensors[k].nbytes for k in order), default=0),
+            dtype=torch.uint8,
+            pin_memory=device == "cuda",
+        )
         for i, key in enumerate(order):  # a bias is written with its weight, in the same shard
             if i + 1 < len(order):
                 reader.prefetch(order[i + 1])  # the disk reads the next tensor while this one is quantized
-            tensor = reader.read(key)
+            tensor = reader.read(key, out=staging)
             layer = plan.layers.get(key)
             if layer is None:
                 writer.add_group({key: tensor})

@@ -273,7 +273,9 @@ def test_every_tensor_is_prefetched_before_it_is_read(model_copy, tmp_path, monk
 
     events = []
     read, prefetch = TensorReader.read, TensorReader.prefetch
-    monkeypatch.setattr(TensorReader, "read", lambda self, key: events.append(("read", key)) or read(self, key))
+    monkeypatch.setattr(
+        TensorReader, "read", lambda self, key, **kw: events.append(("read", key)) or read(self, key, **kw)
+    )
     monkeypatch.setattr(
         TensorReader, "prefetch", lambda self, key: events.append(("prefetch", key)) or prefetch(self, key)
     )

@@ -411,17 +411,23 @@ class TensorReader:
         self._fds[name] = fd
         return fd
 
-    def read(self, key: str) -> torch.Tensor:
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor.
 
         Args:
             key: a key of ``component.tensors``.
+            out: a staging buffer to read into instead of a new one: a contiguous 1-D uint8 CPU tensor of at least
+                the tensor's size, e.g. pinned memory for fast copies to a GPU. The result is then a view of it,
+                valid until the buffer's next use. Reusing one buffer is what makes reads fast: a fresh buffer of
+                100 MB is page-faulted in as it fills, which measured 2.5 GB/s from the page cache against 20 GB/s
+                into a reused one (2 CPU cores).
 
         Returns:
             The tensor on the CPU, with the dtype and shape of its header entry (F4 is read as torch's packed
             ``float4_e2m1fn_x2``, half the last dimension).
 
         Raises:
+            ValueError: ``out`` is not a large enough contiguous 1-D uint8 CPU tensor.
             KeyError: the key is not in the component.
             QtoolError: the file cannot be read, no longer matches the scanned header, or holds a dtype this torch
                 build lacks.
@@ -436,8 +442,15 @@ class TensorReader:
         dtype = getattr(torch, torch_name, None) if torch_name else None
         if dtype is None:
             raise QtoolError(f"{path}: tensor {key!r} is {info.dtype}, which torch {torch.__version__} cannot hold")
+        if out is None:
+            buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError("out must be a contiguous 1-D uint8 CPU tensor")
+        elif out.numel() < info.nbytes:
+            raise ValueError(f"out holds {out.numel()} bytes; {key!r} needs {info.nbytes}")
+        else:
+            buffer = out[: info.nbytes]
         fd = self._fd(info.file)
-        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         view = memoryview(buffer.numpy())
         done = 0
         try:

@@ -172,6 +172,27 @@ def test_iter_tensors_prefetches_the_next_tensor(tmp_path, monkeypatch):
     assert hints == expected
 
 
+def test_read_into_a_reused_buffer(tmp_path):
+    """read(out=...) fills the given buffer and returns a view of it, equal to a plain read; bad buffers are refused."""
+    expected = tensors()
+    save_file(expected, tmp_path / "model.safetensors")
+    component = scan_component(tmp_path)
+    staging = torch.full((max(t.nbytes for t in component.tensors.values()),), 0xAB, dtype=torch.uint8)
+    with TensorReader(component) as reader:
+        for key in component.tensors:
+            got = reader.read(key, out=staging)
+            assert got.numel() == 0 or got.data_ptr() == staging.data_ptr(), key
+            assert_equal(got, expected[key], key)
+        for bad, match in [
+            (torch.empty(64, dtype=torch.int8), "contiguous 1-D uint8"),
+            (torch.empty(8, 8, dtype=torch.uint8), "contiguous 1-D uint8"),
+            (torch.empty(128, dtype=torch.uint8)[::2], "contiguous 1-D uint8"),
+            (torch.empty(3, dtype=torch.uint8), "holds 3 bytes; 'proj.weight' needs 60"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                reader.read("proj.weight", out=bad)
+
+
 def test_read_unknown_key(tmp_path):
     save_file({"a": torch.ones(1)}, tmp_path / "model.safetensors")
     with TensorReader(scan_component(tmp_path)) as reader, pytest.raises(KeyError, match="nope"):
