@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import math
 import re
 import shutil
@@ -28,6 +29,10 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
+
+# diffusers imports bitsandbytes when it is installed, and bnb 0.50 warns about an optional CPU kernel package that
+# nothing here uses; silence that logger before the import.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 import diffusers
 import torch
