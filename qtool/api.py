@@ -74,6 +74,20 @@ class ComponentResult:
     sqnr_min_db: float | None = None
     files: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of_plan(cls, plan: ComponentPlan, bytes_after: int, **measured) -> ComponentResult:
+        """The plan's counts, with the bytes written (or predicted) and what a run measured (time, SQNR, files)."""
+        return cls(
+            name=plan.name,
+            class_name=plan.class_name,
+            parameters=plan.parameters,
+            layers_quantized=len(plan.layers),
+            layers_kept=len(plan.kept_linears),
+            bytes_before=plan.bytes_before,
+            bytes_after=bytes_after,
+            **measured,
+        )
+
     @property
     def compression(self) -> float:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
@@ -259,14 +273,9 @@ def _quantize_component(
             continue
         _copy_entry(entry, out / entry.name)
     finite = [s for s in sqnrs if math.isfinite(s)]
-    return ComponentResult(
-        name=plan.name,
-        class_name=plan.class_name,
-        parameters=plan.parameters,
-        layers_quantized=len(plan.layers),
-        layers_kept=len(plan.kept_linears),
-        bytes_before=plan.bytes_before,
-        bytes_after=sum(t.nbytes for t in _scan(out).tensors.values()),
+    return ComponentResult.of_plan(
+        plan,
+        sum(t.nbytes for t in _scan(out).tensors.values()),
         seconds=time.perf_counter() - start,
         sqnr_mean_db=round(sum(finite) / len(finite), 3) if finite else None,
         sqnr_min_db=round(min(finite), 3) if finite else None,
@@ -382,18 +391,7 @@ def quantize_checkpoint(
         device=device,
     )
     if dry_run:
-        result.components = [
-            ComponentResult(
-                name=c.name,
-                class_name=c.class_name,
-                parameters=c.parameters,
-                layers_quantized=len(c.layers),
-                layers_kept=len(c.kept_linears),
-                bytes_before=c.bytes_before,
-                bytes_after=c.bytes_after(spec),
-            )
-            for c in plan.components
-        ]
+        result.components = [ComponentResult.of_plan(c, c.bytes_after(spec)) for c in plan.components]
         result.seconds = time.perf_counter() - started
         return result
 
