@@ -7,7 +7,12 @@ from typing import Annotated
 import typer
 
 SourceArg = Annotated[
-    str, typer.Argument(help="A Hub repo id (e.g. black-forest-labs/FLUX.1-dev) or a local folder.", show_default=False)
+    str,
+    typer.Argument(
+        metavar="SOURCE",
+        help="A Hub repo id (e.g. black-forest-labs/FLUX.1-dev) or a local folder.",
+        show_default=False,
+    ),
 ]
 RevisionOpt = Annotated[
     str | None, typer.Option("--revision", help="Hub branch, tag or commit to read. Default: the main branch.")

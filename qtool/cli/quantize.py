@@ -47,6 +47,7 @@ def quantize(
         str | None,
         typer.Option(
             "--components",
+            metavar="NAME,NAME",
             help="Comma-separated pipeline components to quantize. Default: transformer,text_encoder_2 when present.",
             show_default=False,
         ),
@@ -54,7 +55,9 @@ def quantize(
     skip: Annotated[
         list[str] | None,
         typer.Option(
-            "--skip", help="Module name to keep in 16-bit (repeatable), matched as diffusers/transformers do."
+            "--skip",
+            metavar="MODULE",
+            help="Module name to keep in 16-bit (repeatable), matched as diffusers/transformers do.",
         ),
     ] = None,
     threshold: Annotated[
@@ -65,6 +68,7 @@ def quantize(
         typer.Option(
             "--output",
             "-o",
+            metavar="DIR",
             help="Output folder. Default: ./<source name>-<method> (beside the source when run inside it).",
             show_default=False,
         ),
