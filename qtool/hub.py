@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import re
-import struct
 import sys
 import traceback
 from collections.abc import Iterator
@@ -34,8 +33,6 @@ __all__ = ["is_local", "list_files", "download", "read_json", "safetensors_heade
 # character, at most 96 characters; "--" and ".." are refused separately.
 _PART = r"\w(?:[\w.-]{0,94}\w)?"
 _REPO_ID = re.compile(rf"(?:{_PART}/)?{_PART}", re.ASCII)
-# A safetensors header is at most 100 MB (the limit of the safetensors library).
-_MAX_HEADER_BYTES = 100_000_000
 _LOGIN = "pass --token or set HF_TOKEN (or run `hf auth login`)"
 _UNREACHABLE_HINT = "check the network connection, or unset HF_HUB_OFFLINE, or pass a local folder"
 # Shapes of Hub tokens and of the header that carries them, redacted even when qtool was not told the token.
@@ -246,38 +243,16 @@ def _local_files(folder: Path) -> list[str]:
 
 
 def _read_local_header(path: Path, name: str) -> dict:
-    """Parse a safetensors header: an 8-byte little-endian length, then that many bytes of JSON."""
+    """A local file's header, in the shape the Hub's metadata API gives; qtool.io parses and checks it."""
+    from qtool.io.reader import safetensors_header
+
     if not path.is_file():
         raise QtoolError(f"{name} not found in {path.parent}", hint="check the folder and the file name")
-
-    def bad(why: str) -> QtoolError:
-        return QtoolError(f"{path} is not a valid safetensors file: {why}", hint="the file may be damaged")
-
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise bad("shorter than 8 bytes")
-        (length,) = struct.unpack("<Q", prefix)
-        size = os.fstat(f.fileno()).st_size
-        if length > min(_MAX_HEADER_BYTES, size - 8):
-            raise bad(f"header length {length} does not fit in the file of {size} bytes")
-        raw = f.read(length)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    tensors = {}
-    for key, entry in header.items():
-        if key == "__metadata__":
-            continue
-        if not (
-            isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
-        ):
-            raise bad(f"entry {key!r} has no dtype and shape")
-        tensors[key] = {"dtype": entry["dtype"], "shape": [int(d) for d in entry["shape"]]}
-    return tensors
+        infos, _ = safetensors_header(path)
+    except QtoolError as exc:
+        raise QtoolError(exc.message, hint="the file may be damaged") from exc
+    return {key: {"dtype": info.dtype, "shape": list(info.shape)} for key, info in infos.items()}
 
 
 # Repos

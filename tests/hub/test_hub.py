@@ -271,17 +271,19 @@ def framed(header: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("content", "expected"),
     [
-        pytest.param(b"abc", "shorter than 8 bytes", id="short"),
-        pytest.param(struct.pack("<Q", 10**6) + b"{}", "does not fit", id="length"),
-        pytest.param(framed(b"{{{{"), "not JSON", id="json"),
-        pytest.param(framed(b"[]"), "not a JSON object", id="list"),
-        pytest.param(framed(b'{"w": {"a": 1}}'), "has no dtype and shape", id="entry"),
+        pytest.param(b"abc", r"truncated safetensors file \(3 bytes", id="short"),
+        pytest.param(struct.pack("<Q", 10**6) + b"{}", r"header length 1000000 is larger than the file", id="length"),
+        pytest.param(framed(b"{{{{"), "header is not valid JSON", id="json"),
+        pytest.param(framed(b"[]"), "header is not a JSON object", id="list"),
+        pytest.param(framed(b'{"w": {"a": 1}}'), "tensor 'w': unknown dtype tag None", id="entry"),
     ],
 )
 def test_safetensors_headers_local_damaged(tmp_path, content, expected):
     (tmp_path / "model.safetensors").write_bytes(content)
-    with pytest.raises(QtoolError, match=expected):
+    with pytest.raises(QtoolError, match=expected) as info:
         hub.safetensors_headers(str(tmp_path), ["model.safetensors"])
+    assert info.value.message.startswith(f"{tmp_path / 'model.safetensors'}: ")
+    assert info.value.hint == "the file may be damaged"
 
 
 def test_safetensors_headers_local_missing_file(tmp_path):
