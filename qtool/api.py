@@ -235,10 +235,8 @@ def _quantize_component(
             dtype=torch.uint8,
             pin_memory=device == "cuda",
         )
-        for i, key in enumerate(order):  # a bias is written with its weight, in the same shard
-            if i + 1 < len(order):
-                reader.prefetch(order[i + 1])  # the disk reads the next tensor while this one is quantized
-            tensor = reader.read(key, out=staging)
+        # A bias is written with its weight, in the same shard.
+        for key, tensor in reader.iter_tensors(order, out=staging):
             layer = plan.layers.get(key)
             if layer is None:
                 writer.add_group({key: tensor})
@@ -263,6 +261,7 @@ def _quantize_component(
             progress.advance(plan.weights.tensors[key].nbytes)
             del weight, entries, group, tensor
         files = writer.close()
+        bytes_after = writer.total_size
     progress.finish()
     config = dict(plan.config)
     config["quantization_config"] = spec.quantization_config()
@@ -275,18 +274,12 @@ def _quantize_component(
     finite = [s for s in sqnrs if math.isfinite(s)]
     return ComponentResult.of_plan(
         plan,
-        sum(t.nbytes for t in _scan(out).tensors.values()),
+        bytes_after,
         seconds=time.perf_counter() - start,
         sqnr_mean_db=round(sum(finite) / len(finite), 3) if finite else None,
         sqnr_min_db=round(min(finite), 3) if finite else None,
         files=[p.name for p in files],
     )
-
-
-def _scan(folder: Path):
-    from qtool.io.reader import scan_component
-
-    return scan_component(folder)
 
 
 def expected_keys(plan: ComponentPlan, spec: QuantSpec) -> dict[str, str]:
@@ -312,7 +305,9 @@ def expected_keys(plan: ComponentPlan, spec: QuantSpec) -> dict[str, str]:
 
 def verify_component(plan: ComponentPlan, spec: QuantSpec, out: Path) -> None:
     """Re-read the written headers: the key set and dtypes must be exactly the plan's."""
-    written = {k: t.dtype for k, t in _scan(out).tensors.items()}
+    from qtool.io.reader import scan_component
+
+    written = {k: t.dtype for k, t in scan_component(out).tensors.items()}
     expected = expected_keys(plan, spec)
     if written != expected:
         missing = sorted(set(expected) - set(written))[:3]
@@ -479,14 +474,10 @@ def _refuse_quantized(source: str, config: str, files: list[str], revision, toke
         )
 
 
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
-
-
 def _remote_weights(source: str, folder: Path, prefix: str, files: list[str], revision, token):
     """A component's ComponentWeights from the Hub's safetensors headers (HTTP range reads, no weight download)."""
     from qtool import hub
-    from qtool.io.reader import ComponentWeights, TensorInfo
+    from qtool.io.reader import SAFETENSORS_DTYPES, ComponentWeights, TensorInfo
 
     inside = [f[len(prefix) :] for f in files if f.startswith(prefix) and "/" not in f[len(prefix) :]]
     indexes = sorted(f for f in inside if f.endswith(".safetensors.index.json") and f.count(".") == 3)
@@ -504,9 +495,10 @@ def _remote_weights(source: str, folder: Path, prefix: str, files: list[str], re
     for file in shard_files:
         for key, meta in headers[prefix + file].items():
             shape = tuple(meta["shape"])
-            tensors[key] = TensorInfo(
-                key, meta["dtype"], shape, file, math.prod(shape) * ITEMSIZE.get(meta["dtype"], 1)
-            )
+            if meta["dtype"] not in SAFETENSORS_DTYPES:
+                raise QtoolError(f"{source}: {prefix}{file}: tensor {key!r} has unknown dtype tag {meta['dtype']!r}")
+            bits = SAFETENSORS_DTYPES[meta["dtype"]][0]
+            tensors[key] = TensorInfo(key, meta["dtype"], shape, file, math.prod(shape) * bits // 8)
     return ComponentWeights(
         folder=folder / prefix, base_name=base_name, tensors=tensors, sharded=bool(indexes), index_metadata={},
         file_metadata={},
@@ -516,26 +508,21 @@ def _remote_weights(source: str, folder: Path, prefix: str, files: list[str], re
 def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, revision=None, token=None):
     """Plan a Hub repo from its JSON files and safetensors headers only: what --dry-run and footprint need."""
     from qtool import hub
-    from qtool.plan import check_skips, choose_components, pipeline_components, plan_component, read_json
+    from qtool.plan import pipeline_components, read_json
 
     files = hub.list_files(source, revision=revision, token=token)
-    folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
-    if "model_index.json" in files:
-        available = pipeline_components(read_json(folder / "model_index.json"))
-        chosen = choose_components(available, components)
-        plans = [
-            plan_component(name, folder / name, _remote_weights(source, folder, f"{name}/", files, revision, token),
-                           spec)
-            for name in chosen
-        ]  # fmt: skip
-        check_skips(plans, spec)
-        # What a run downloads and copies (download_patterns): model_index.json and the other component folders.
-        folders = {f.split("/")[0] for f in files if "/" in f and f.split("/")[0] in available}
-        copied = sorted({"model_index.json"} | (folders - set(chosen)))
-        return folder, Plan(source=source, kind="pipeline", spec=spec, components=plans, copied=copied)
-    if components:
+    if components and "model_index.json" not in files:
         raise QtoolError("--components applies to pipelines (repos with model_index.json); this is one model")
-    weights = _remote_weights(source, folder, "", files, revision, token)
-    plan = plan_component("", folder, weights, spec)
-    check_skips([plan], spec)
-    return folder, Plan(source=source, kind="model", spec=spec, components=[plan])
+    folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
+
+    def weights(name: str):
+        return _remote_weights(source, folder, f"{name}/" if name else "", files, revision, token)
+
+    plan = plan_folder(folder, spec, components, source=source, weights=weights)
+    if plan.kind == "pipeline":
+        # What a run downloads and copies (download_patterns): model_index.json and the other component folders.
+        available = pipeline_components(read_json(folder / "model_index.json"))
+        chosen = {c.name for c in plan.components}
+        folders = {f.split("/")[0] for f in files if "/" in f and f.split("/")[0] in available}
+        plan.copied = sorted({"model_index.json"} | (folders - chosen))
+    return folder, plan

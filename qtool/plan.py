@@ -9,9 +9,9 @@ applied as that library applies them. ``qtool footprint`` and ``--dry-run`` stop
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +63,7 @@ class ComponentPlan:
 
     @property
     def bytes_before(self) -> int:
-        return sum(t.nbytes for t in self.weights.tensors.values())
+        return self.weights.total_bytes
 
     def bytes_after(self, spec: QuantSpec) -> int:
         """Tensor bytes written (the quant-state JSON estimated within a few bytes per layer)."""
@@ -98,12 +98,10 @@ def quantized_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QtoolError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise QtoolError(f"{path} is not valid JSON: {exc}") from None
+    """A local JSON object file (config.json, model_index.json), checked and reported as qtool.hub does."""
+    from qtool import hub
+
+    return hub.read_json(str(Path(path).parent), Path(path).name)
 
 
 def detect_library(config: dict, path: Path) -> tuple[str, str]:
@@ -193,8 +191,8 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
     library, class_name = detect_library(config, folder / "config.json")
     model = build_meta_model(library, class_name, folder)
     skip = list(spec.skip)
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     if library == "diffusers":
-        keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
         not_convert = skip + keep_fp32
         candidates = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
@@ -210,7 +208,6 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
                 f"{class_name} uses transformers' Conv1D layers ({conv1d[0]}, ...), which qtool does not quantize yet",
                 hint="bitsandbytes transposes Conv1D weights on load; only nn.Linear models are supported",
             )
-        keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
         defaults = transformers_default_skips(model) if not skip else []
         patterns = sorted(set(skip + keep_fp32 + defaults))
         # transformers converts exact nn.Linear only (type(module) is nn.Linear), not subclasses.
@@ -242,9 +239,9 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
         layers[key] = LayerPlan(fqn=fqn, key=key, shape=tuple(info.shape), dtype=info.dtype)
 
     matched = {s for s in skip if any(keeps(fqn, [s]) for fqn in candidates)}
-    model_order = list(model.state_dict().keys())
-    key_order = [k for k in model_order if k in weights.tensors]
-    key_order += [k for k in weights.tensors if k not in set(key_order)]
+    key_order = [k for k in model.state_dict() if k in weights.tensors]
+    in_model = set(key_order)
+    key_order += [k for k in weights.tensors if k not in in_model]
     return ComponentPlan(
         name=name,
         library=library,
@@ -307,22 +304,37 @@ def choose_components(available: dict[str, tuple[str, str]], requested: list[str
     return chosen
 
 
-def plan_folder(folder: Path, spec: QuantSpec, components: list[str] | None = None, source: str = "") -> Plan:
-    """Plan a local pipeline folder (model_index.json) or model folder (config.json), from headers only."""
+def plan_folder(
+    folder: Path,
+    spec: QuantSpec,
+    components: list[str] | None = None,
+    source: str = "",
+    weights: Callable[[str], ComponentWeights] | None = None,
+) -> Plan:
+    """Plan a pipeline folder (model_index.json) or model folder (config.json), from configs and headers only.
+
+    ``weights(component)`` gives a component's ComponentWeights (``""`` for a model folder); by default it scans
+    the safetensors files in the folder. A Hub dry run passes one that reads the headers over HTTP instead.
+    """
     from qtool.io.reader import scan_component
 
     folder = Path(folder)
+    if weights is None:
+
+        def weights(name: str) -> ComponentWeights:
+            return scan_component(folder / name)
+
     if (folder / "model_index.json").exists():
         available = pipeline_components(read_json(folder / "model_index.json"))
         chosen = choose_components(available, components)
-        plans = [plan_component(name, folder / name, scan_component(folder / name), spec) for name in chosen]
+        plans = [plan_component(name, folder / name, weights(name), spec) for name in chosen]
         check_skips(plans, spec)
         copied = sorted(p.name for p in folder.iterdir() if p.name not in chosen)
         return Plan(source=source or str(folder), kind="pipeline", spec=spec, components=plans, copied=copied)
     if (folder / "config.json").exists():
         if components:
             raise QtoolError("--components applies to pipelines (folders with model_index.json); this is one model")
-        plan = plan_component("", folder, scan_component(folder), spec)
+        plan = plan_component("", folder, weights(""), spec)
         check_skips([plan], spec)
         return Plan(source=source or str(folder), kind="model", spec=spec, components=[plan])
     raise QtoolError(

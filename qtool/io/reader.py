@@ -479,11 +479,14 @@ class TensorReader:
         if hasattr(os, "posix_fadvise") and info.nbytes:
             os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
 
-    def iter_tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, tensor)`` one at a time.
+    def iter_tensors(
+        self, keys: Iterable[str] | None = None, out: torch.Tensor | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(key, tensor)`` one at a time, the next tensor prefetched while the caller works on this one.
 
         Args:
             keys: which tensors, in which order; default: all, in checkpoint order.
+            out: a staging buffer, as for ``read``: each yielded tensor is then a view of it, valid until the next.
 
         Yields:
             ``(key, tensor)`` as ``read`` returns it. Holding on to earlier tensors is the caller's choice; the
@@ -493,4 +496,4 @@ class TensorReader:
         for i, key in enumerate(keys):
             if i + 1 < len(keys):
                 self.prefetch(keys[i + 1])
-            yield key, self.read(key)
+            yield key, self.read(key, out=out)
