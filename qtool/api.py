@@ -14,13 +14,17 @@ import os
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from qtool.errors import QtoolError
 from qtool.plan import MAX_SHARD_SIZE, ComponentPlan, Plan, plan_folder
 from qtool.spec import QuantSpec
+
+if TYPE_CHECKING:
+    from qtool.io.reader import ComponentWeights
 
 # Root files of a pipeline that are not part of the diffusers layout and can be huge (FLUX.1-dev ships a 23.8 GB
 # single-file checkpoint beside its component folders): never copied, never downloaded.
@@ -505,19 +509,35 @@ def _remote_weights(source: str, folder: Path, prefix: str, files: list[str], re
     )  # fmt: skip
 
 
-def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, revision=None, token=None):
-    """Plan a Hub repo from its JSON files and safetensors headers only: what --dry-run and footprint need."""
+def headers_only(
+    source: str, *, revision=None, token=None
+) -> tuple[Path, Callable[[str], ComponentWeights], list[str] | None]:
+    """A checkpoint's JSON files (a local folder, or the repo's ``*.json`` in the Hub cache), a function giving a
+    component's ``ComponentWeights`` from its safetensors headers alone (``""`` for a model folder): files read for
+    a local folder, HTTP range reads for a repo; and the repo's file list (None for a local folder). No weight is
+    downloaded."""
     from qtool import hub
-    from qtool.plan import pipeline_components, read_json
+    from qtool.io.reader import scan_component
 
+    if hub.is_local(source):
+        folder = hub.download(source, patterns=[])
+        return folder, lambda name: scan_component(folder / name), None
     files = hub.list_files(source, revision=revision, token=token)
-    if components and "model_index.json" not in files:
-        raise QtoolError("--components applies to pipelines (repos with model_index.json); this is one model")
     folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
 
-    def weights(name: str):
+    def weights(name: str) -> ComponentWeights:
         return _remote_weights(source, folder, f"{name}/" if name else "", files, revision, token)
 
+    return folder, weights, files
+
+
+def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, revision=None, token=None):
+    """Plan a Hub repo from its JSON files and safetensors headers only: what --dry-run needs."""
+    from qtool.plan import pipeline_components, read_json
+
+    folder, weights, files = headers_only(source, revision=revision, token=token)
+    if components and not (folder / "model_index.json").exists():
+        raise QtoolError("--components applies to pipelines (repos with model_index.json); this is one model")
     plan = plan_folder(folder, spec, components, source=source, weights=weights)
     if plan.kind == "pipeline":
         # What a run downloads and copies (download_patterns): model_index.json and the other component folders.

@@ -9,6 +9,7 @@ applied as that library applies them. ``qtool footprint`` and ``--dry-run`` stop
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -25,8 +26,10 @@ DEFAULT_PIPELINE_COMPONENTS = ("transformer", "text_encoder_2")
 # save_pretrained's default shard sizes (decimal bytes).
 MAX_SHARD_SIZE = {"diffusers": 10 * 10**9, "transformers": 50 * 10**9}
 FLOAT_TAGS = {"F32": 4, "F16": 2, "BF16": 2}
-# The quant_state JSON blob's length varies with the repr of nested_offset; this bounds it for size predictions.
-BLOB_BYTES = {False: 80, True: 175}
+DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# The quant_state blob records the double-quant offset as the repr of a float32 widened to a double; its length
+# (typically 17-20 characters, e.g. 0.12803184986114502) is the one part of a size prediction not known exactly.
+TYPICAL_OFFSET = 0.12803184986114502
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,16 @@ class LayerPlan:
     key: str
     shape: tuple[int, int]
     dtype: str
+
+
+@dataclass(frozen=True)
+class ModelTensor:
+    """A parameter or buffer of the model as its class builds it (on the meta device)."""
+
+    numel: int
+    itemsize: int
+    floating: bool
+    buffer: bool = False
 
 
 @dataclass
@@ -52,6 +65,7 @@ class ComponentPlan:
     kept_linears: dict[str, str]
     key_order: list[str]
     skips_matched: set[str] = field(default_factory=set)  # the --skip names that keep at least one Linear here
+    model_tensors: dict[str, ModelTensor] = field(default_factory=dict)  # parameters (tied ones once) and buffers
 
     @property
     def folder(self) -> Path:
@@ -66,12 +80,17 @@ class ComponentPlan:
         return self.weights.total_bytes
 
     def bytes_after(self, spec: QuantSpec) -> int:
-        """Tensor bytes written (the quant-state JSON estimated within a few bytes per layer)."""
+        """Tensor bytes written (exact but for the length of the double-quant offset's repr in each layer's blob)."""
         total = 0
         for key, info in self.weights.tensors.items():
             layer = self.layers.get(key)
-            total += quantized_bytes(layer.shape, spec) if layer else info.nbytes
+            total += quantized_bytes(layer.shape, spec, layer.dtype) if layer else info.nbytes
         return total
+
+    def memory_after(self, spec: QuantSpec) -> int:
+        """What ``get_memory_footprint()`` reports for the quantized model loaded with bnb (see memory_bytes)."""
+        packed = {key: packed_bytes(layer.shape, spec) for key, layer in self.layers.items()}
+        return memory_bytes(self.model_tensors, self.weights.tensors, packed)
 
 
 @dataclass
@@ -85,16 +104,60 @@ class Plan:
     copied: list[str] = field(default_factory=list)
 
 
-def quantized_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
-    """Bytes of one quantized weight's tensors as bitsandbytes stores them (bnb-format.md §1.1, §2.1)."""
+def packed_bytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """Bytes of a quantized weight's ``weight`` tensor alone: 4-bit codes two per byte, or int8."""
+    n = math.prod(shape)
+    return n if spec.bits == 8 else (n + 1) // 2
+
+
+def quantized_bytes(shape: tuple[int, ...], spec: QuantSpec, dtype: str = "BF16") -> int:
+    """Bytes of one quantized weight's tensors as bitsandbytes stores them (bnb-format.md §1.1, §2.1); ``dtype`` is
+    the source weight's safetensors tag, which the 4-bit quant-state blob records."""
+    from qtool.formats.bnb4 import blob_fields
+
     n = math.prod(shape)
     if spec.bits == 8:
-        return n + 4 * shape[0] + 1
+        return n + 4 * shape[0] + 1  # weight int8, SCB float32 per row, weight_format uint8
     nblocks = math.ceil(n / spec.blocksize)
-    size = (n + 1) // 2 + 16 * 4 + BLOB_BYTES[spec.double_quant]
+    offset = TYPICAL_OFFSET if spec.double_quant else None
+    blob = len(json.dumps(blob_fields(spec.quant_type, spec.blocksize, DTYPE_NAMES[dtype], shape, offset)))
+    size = packed_bytes(shape, spec) + 16 * 4 + blob
     if spec.double_quant:
         return size + nblocks + 4 * math.ceil(nblocks / 256) + 256 * 4
     return size + 4 * nblocks
+
+
+def memory_bytes(
+    model_tensors: dict[str, ModelTensor], stored: dict[str, TensorInfo], packed: dict[str, int] | None = None
+) -> int:
+    """What ``get_memory_footprint()`` of the loaded model reports when it loads in the dtypes it is stored in
+    (``torch_dtype=torch.bfloat16`` for a bf16 checkpoint): every parameter (tied ones once) and buffer.
+
+    A weight that bnb quantizes counts as its ``weight`` tensor only (``packed``, or its stored size in a checkpoint
+    that is already quantized): bnb keeps absmax, SCB and the rest as attributes, which the footprint does not
+    see. A parameter the checkpoint does not store is created in the load dtype (the stored floating-point dtype);
+    a buffer it does not store (non-persistent, e.g. rotary ``inv_freq``) keeps the dtype its module gives it.
+    """
+    packed = packed or {}
+    float_sizes = [FLOAT_TAGS[t.dtype] for t in stored.values() if t.dtype in FLOAT_TAGS]
+    float_size = max(set(float_sizes), key=float_sizes.count) if float_sizes else 4
+    total = 0
+    for name, tensor in model_tensors.items():
+        if name in packed:
+            total += packed[name]
+        elif name in stored:
+            total += stored[name].nbytes
+        else:
+            total += tensor.numel * (float_size if tensor.floating and not tensor.buffer else tensor.itemsize)
+    return total
+
+
+def model_tensors(model) -> dict[str, ModelTensor]:
+    """The parameters (each shared tensor once, as ``named_parameters`` lists it) and buffers of a meta model."""
+    tensors = {n: ModelTensor(t.numel(), t.element_size(), t.is_floating_point()) for n, t in model.named_parameters()}
+    for name, t in model.named_buffers():
+        tensors[name] = ModelTensor(t.numel(), t.element_size(), t.is_floating_point(), buffer=True)
+    return tensors
 
 
 def read_json(path: Path) -> dict:
@@ -178,14 +241,22 @@ def transformers_default_skips(model) -> list[str]:
     return sorted({k.removesuffix(".weight") for k in keys})
 
 
+def quant_method(config: dict) -> str | None:
+    """The ``quant_method`` of a config.json's quantization_config ("bitsandbytes", "gguf", ...), or None."""
+    quantization = config.get("quantization_config")
+    if quantization is None:
+        return None
+    return str(quantization.get("quant_method", "unknown")) if isinstance(quantization, dict) else "unknown"
+
+
 def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: QuantSpec) -> ComponentPlan:
     """Plan one model folder: list its Linear layers on the meta device and apply the loader's skip rules."""
     import torch
 
     config = read_json(folder / "config.json")
-    if "quantization_config" in config:
+    if quant_method(config) is not None:
         raise QtoolError(
-            f"{folder} is already quantized ({config['quantization_config'].get('quant_method', '?')})",
+            f"{folder} is already quantized ({quant_method(config)})",
             hint="point qtool at the original (unquantized) checkpoint",
         )
     library, class_name = detect_library(config, folder / "config.json")
@@ -252,6 +323,7 @@ def plan_component(name: str, folder: Path, weights: ComponentWeights, spec: Qua
         kept_linears=kept,
         key_order=key_order,
         skips_matched=matched,
+        model_tensors=model_tensors(model),
     )
 
 

@@ -103,3 +103,71 @@ def print_quantize_result(result) -> None:
             f"wrote {result.output} in {result.seconds:.1f} s on {result.device} "
             f"(peak host memory {human_bytes(result.peak_rss_bytes)})"
         )
+
+
+def _size_cell(size) -> str:
+    """A qtool.footprint.Size as "memory" over "disk" (two lines)."""
+    if size is None:
+        return "-"
+    return f"{human_bytes(size.memory_bytes)}\n[dim]disk {human_bytes(size.disk_bytes)}[/dim]"
+
+
+def _fit_cell(fit: dict) -> str:
+    if fit["fits"] is None:
+        return "?"
+    room = fit["headroom_bytes"]
+    return (
+        f"[green]yes[/green], {human_bytes(room)} free" if fit["fits"] else f"[red]no[/red], {human_bytes(-room)} short"
+    )
+
+
+def print_footprint(result) -> None:
+    """The table of `qtool footprint` (a qtool.footprint.Footprint) on stdout."""
+    from qtool.footprint import fit
+
+    state = f"quantized ({result.method})" if result.quantized else "predicted from the safetensors headers"
+    table = Table(title=f"Footprint of {result.source}: {state}", show_lines=True)
+    table.add_column("component")
+    table.add_column("class")
+    table.add_column("params", justify="right")
+    table.add_column("Linear quantized / kept", justify="right")
+    table.add_column("now" if result.quantized else "as stored", justify="right")
+    for method in result.methods:
+        starred = method == result.method and result.gpu_memory is not None
+        table.add_column(method + (" *" if starred else ""), justify="right")
+    if result.gpu_memory is not None:
+        table.add_column(f"fits in {human_bytes(result.gpu_memory)}?", justify="right")
+    for c in result.components:
+        layers = f"{c.layers_quantized} / {c.layers_kept}" if c.role != "kept" else "(kept as is)"
+        if c.quantization and "method" in c.quantization:
+            layers += f"\n{c.quantization['method']}"
+        row = [c.name or "(model)", c.class_name, _params(c.parameters), layers, _size_cell(c.stored)]
+        row += [_size_cell(c.size(m)) for m in result.methods]
+        if result.gpu_memory is not None:
+            row.append(_fit_cell(fit(c.size(result.method) if result.methods else c.stored, result.gpu_memory)))
+        table.add_row(*row)
+    if len(result.components) > 1:
+        parameters = [c.parameters for c in result.components]
+        row = ["total", "", _params(None if None in parameters else sum(parameters)), "", _size_cell(result.total())]
+        row += [_size_cell(result.total(m)) for m in result.methods]
+        if result.gpu_memory is not None:
+            chosen = result.total(result.method) if result.methods else result.total()
+            row.append(_fit_cell(fit(chosen, result.gpu_memory)))
+        table.add_row(*row, style="bold")
+    console = out_console()
+    console.print(table)
+    console.print(
+        "memory: get_memory_footprint() once loaded with bitsandbytes in the stored dtypes; disk: tensor bytes."
+        + (
+            f" Fit (* = {result.method}) counts the weights and quant states on the GPU, not activations."
+            if result.gpu_memory is not None
+            else ""
+        )
+    )
+    for c in result.components:
+        if c.note:
+            console.print(f"{c.name or 'model'}: {c.note}")
+
+
+def _params(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:,.1f}M"

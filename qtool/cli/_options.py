@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from qtool.errors import QtoolError
+
 SourceArg = Annotated[
     str,
     typer.Argument(
@@ -27,3 +29,39 @@ TokenOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the output path.")]
+BitsOpt = Annotated[int, typer.Option("--bits", help="4 (NF4/FP4, QLoRA-style) or 8 (LLM.int8).")]
+Nf4Opt = Annotated[bool, typer.Option("--nf4", help="4-bit NormalFloat codes (the default 4-bit type).")]
+Fp4Opt = Annotated[bool, typer.Option("--fp4", help="4-bit floating-point codes instead of NF4.")]
+DoubleQuantOpt = Annotated[
+    bool, typer.Option("--double-quant", help="Also quantize the 4-bit scales (~0.4 bits/parameter less).")
+]
+ComponentsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--components",
+        metavar="NAME,NAME",
+        help="Comma-separated pipeline components to quantize. Default: transformer,text_encoder_2 when present.",
+        show_default=False,
+    ),
+]
+SkipOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--skip",
+        metavar="MODULE",
+        help="Module name to keep in 16-bit (repeatable), matched as diffusers/transformers do.",
+    ),
+]
+
+
+def check_method_flags(bits: int, nf4: bool, fp4: bool, double_quant: bool) -> None:
+    """The flag conflicts a QuantSpec cannot see (both code types; a 4-bit flag with --bits 8)."""
+    if nf4 and fp4:
+        raise QtoolError("--nf4 and --fp4 conflict", hint="choose one 4-bit code type (default: --nf4)")
+    if bits == 8 and (nf4 or fp4 or double_quant):
+        flag = "--nf4" if nf4 else "--fp4" if fp4 else "--double-quant"
+        raise QtoolError(f"--bits 8 and {flag} conflict", hint=f"{flag} is a 4-bit option; drop it or use --bits 4")
+
+
+def split_components(components: str | None) -> list[str] | None:
+    return [c.strip() for c in components.split(",") if c.strip()] if components else None

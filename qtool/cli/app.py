@@ -49,9 +49,11 @@ def root(
 
 def _register() -> None:
     from qtool.cli._errors import cli_errors
+    from qtool.cli.footprint import FOOTPRINT_EXAMPLES, footprint
     from qtool.cli.quantize import QUANTIZE_EXAMPLES, quantize
 
-    app.command(epilog="Examples:\n\n" + "\n\n".join(f"  {e}" for e in QUANTIZE_EXAMPLES))(cli_errors(quantize))
+    for command, examples in ((quantize, QUANTIZE_EXAMPLES), (footprint, FOOTPRINT_EXAMPLES)):
+        app.command(epilog="Examples:\n\n" + "\n\n".join(f"  {e}" for e in examples))(cli_errors(command))
 
 
 @app.command()

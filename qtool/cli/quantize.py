@@ -7,7 +7,21 @@ from typing import Annotated
 
 import typer
 
-from qtool.cli._options import JsonOpt, QuietOpt, RevisionOpt, SourceArg, TokenOpt
+from qtool.cli._options import (
+    BitsOpt,
+    ComponentsOpt,
+    DoubleQuantOpt,
+    Fp4Opt,
+    JsonOpt,
+    Nf4Opt,
+    QuietOpt,
+    RevisionOpt,
+    SkipOpt,
+    SourceArg,
+    TokenOpt,
+    check_method_flags,
+    split_components,
+)
 from qtool.errors import QtoolError
 
 QUANTIZE_EXAMPLES = [
@@ -31,35 +45,18 @@ class Device(str, Enum):
 
 def quantize(
     source: SourceArg,
-    bits: Annotated[int, typer.Option("--bits", help="4 (NF4/FP4, QLoRA-style) or 8 (LLM.int8).")] = 4,
-    nf4: Annotated[bool, typer.Option("--nf4", help="4-bit NormalFloat codes (the default 4-bit type).")] = False,
-    fp4: Annotated[bool, typer.Option("--fp4", help="4-bit floating-point codes instead of NF4.")] = False,
-    double_quant: Annotated[
-        bool, typer.Option("--double-quant", help="Also quantize the 4-bit scales (~0.4 bits/parameter less).")
-    ] = False,
+    bits: BitsOpt = 4,
+    nf4: Nf4Opt = False,
+    fp4: Fp4Opt = False,
+    double_quant: DoubleQuantOpt = False,
     blocksize: Annotated[
         int, typer.Option("--blocksize", help="4-bit weights per scale, a power of two from 32 to 4096.")
     ] = 64,
     compute_dtype: Annotated[
         ComputeDtype, typer.Option("--compute-dtype", help="dtype the 4-bit layers compute in when loaded.")
     ] = ComputeDtype.bf16,
-    components: Annotated[
-        str | None,
-        typer.Option(
-            "--components",
-            metavar="NAME,NAME",
-            help="Comma-separated pipeline components to quantize. Default: transformer,text_encoder_2 when present.",
-            show_default=False,
-        ),
-    ] = None,
-    skip: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--skip",
-            metavar="MODULE",
-            help="Module name to keep in 16-bit (repeatable), matched as diffusers/transformers do.",
-        ),
-    ] = None,
+    components: ComponentsOpt = None,
+    skip: SkipOpt = None,
     threshold: Annotated[
         float, typer.Option("--threshold", help="LLM.int8 outlier threshold recorded for 8-bit inference.")
     ] = 6.0,
@@ -87,11 +84,7 @@ def quantize(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
 ) -> None:
     """Quantize a diffusers pipeline or a model to bitsandbytes 4-bit / 8-bit, loadable with no extra arguments."""
-    if nf4 and fp4:
-        raise QtoolError("--nf4 and --fp4 conflict", hint="choose one 4-bit code type (default: --nf4)")
-    if bits == 8 and (nf4 or fp4 or double_quant):
-        flag = "--nf4" if nf4 else "--fp4" if fp4 else "--double-quant"
-        raise QtoolError(f"--bits 8 and {flag} conflict", hint=f"{flag} is a 4-bit option; drop it or use --bits 4")
+    check_method_flags(bits, nf4, fp4, double_quant)
     if json_output and quiet:
         raise QtoolError("--json and --quiet conflict", hint="--json prints one JSON object; --quiet only the path")
 
@@ -110,7 +103,7 @@ def quantize(
     result = api.quantize_checkpoint(
         source,
         spec=spec,
-        components=[c.strip() for c in components.split(",") if c.strip()] if components else None,
+        components=split_components(components),
         output=output,
         revision=revision,
         token=token,

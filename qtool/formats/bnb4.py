@@ -45,19 +45,33 @@ class QuantState4bit:
 
 def blob_dict(state: QuantState4bit) -> dict:
     """The JSON object of the quant_state blob, with bnb's key order (QuantState.as_dict)."""
-    d: dict = {
-        "quant_type": state.quant_type,
-        "blocksize": state.blocksize,
-        "dtype": DTYPE_NAMES[state.dtype],
-        "shape": list(state.shape),
-    }
-    if state.double_quant:
+    return blob_fields(
+        state.quant_type,
+        state.blocksize,
+        DTYPE_NAMES[state.dtype],
+        state.shape,
+        nested_offset=state.nested_offset if state.double_quant else None,
+        nested_blocksize=state.nested_blocksize,
+    )
+
+
+def blob_fields(
+    quant_type: str,
+    blocksize: int,
+    dtype_name: str,
+    shape: tuple[int, ...],
+    nested_offset: float | None = None,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
+) -> dict:
+    """The quant_state JSON object from plain values (``nested_offset`` None: no double quant)."""
+    d: dict = {"quant_type": quant_type, "blocksize": blocksize, "dtype": dtype_name, "shape": list(shape)}
+    if nested_offset is not None:
         d.update(
             {
-                "nested_blocksize": state.nested_blocksize,
+                "nested_blocksize": nested_blocksize,
                 "nested_dtype": "float32",
                 # float(fp32): json writes the shortest repr of the double, exactly as bnb's offset.item().
-                "nested_offset": float(state.nested_offset),
+                "nested_offset": float(nested_offset),
             }
         )
     return d

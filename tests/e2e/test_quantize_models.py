@@ -262,6 +262,28 @@ def test_tensors_match_bnb_save_pretrained(case):
     check_tensors(case)
 
 
+def test_footprint_predicts_and_reads_the_real_sizes(case):
+    """`qtool footprint` of the source predicts the output's tensor bytes (within the double-quant offset's repr, a
+    few bytes per layer) and exactly its get_memory_footprint() once loaded (tied weights counted once, the kept
+    layers in their stored dtype); of the outputs, ours and bnb's own, it reads exactly their real sizes. Runs before
+    the forward test: bnb's CPU forward repacks weights in place."""
+    from qtool.footprint import footprint
+    from qtool.io.reader import scan_component
+
+    predicted = footprint(case.source, spec=case.spec).components[0]
+    size = predicted.after[case.spec.label]
+    disk = scan_component(case.out).total_bytes
+    assert abs(size.disk_bytes - disk) <= (8 * predicted.layers_quantized if case.spec.double_quant else 0)
+    assert size.memory_bytes == case.ours.get_memory_footprint()
+    for folder, model in ((case.out, case.ours), (case.bnb, case.theirs)):
+        actual = footprint(folder)
+        (component,) = actual.components
+        assert actual.quantized and actual.method == case.spec.label
+        assert component.stored.disk_bytes == scan_component(folder).total_bytes
+        assert component.stored.memory_bytes == model.get_memory_footprint()
+        assert (component.parameters, component.layers_quantized) == (predicted.parameters, predicted.layers_quantized)
+
+
 def test_forward_matches_bnb(case, source_outputs):
     """The loaded output computes what bnb's own quantization of the source computes (logits, T5 hidden states,
     FLUX sample), within the rounding and tie differences derived in check_forward."""
