@@ -1,5 +1,5 @@
-"""`qtool footprint`: predictions against the real quantized outputs, actual sizes of quantized checkpoints, --gpu-memory,
-the Hub path (headers only) and the CLI.
+"""`qtool footprint`: predictions against the real quantized outputs, actual sizes of quantized checkpoints,
+--gpu-memory, the Hub path (headers only) and the CLI.
 
 The real sizes: the tensor bytes `qtool quantize` writes (from the output's headers) and get_memory_footprint() of the
 output loaded with bitsandbytes (on the CPU, tests/bnb_loading.py). The single models (Llama tied and untied, T5,
