@@ -14,7 +14,8 @@ import os
 import resource
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -32,6 +33,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".sf
 # Root folders of a local checkpoint that are not part of it, never copied: git's store (a git-lfs clone holds every
 # weight again under .git/lfs) and huggingface_hub's `--local-dir` download metadata (.cache/huggingface).
 NOT_COPIED = (".git", ".cache")
+# What a one-model repo needs: configs, weights, tokenizer and remote-code files.
+MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
 
 
 class Progress(Protocol):
@@ -141,15 +144,48 @@ class QuantizeResult:
         }
 
 
-def default_output(source: str, spec: QuantSpec, local_folder: Path | None = None) -> Path:
-    """``./<source name>-<method>``; for a local source that holds the current folder (``qtool quantize .``),
-    beside the source instead, since an output inside its input is refused."""
+def default_output(source: str, suffix: str, local_folder: Path | None = None) -> Path:
+    """``./<source name>-<suffix>`` (suffix: the method, e.g. nf4-dq); for a local source that holds the current
+    folder (``qtool quantize .``), beside the source instead, since an output inside its input is refused."""
     cwd = Path.cwd().resolve()
     if local_folder is not None:
         folder = local_folder.resolve()
         where = folder.parent if cwd == folder or folder in cwd.parents else cwd
-        return where / f"{folder.name}-{spec.label}"
-    return cwd / f"{Path(source.rstrip('/')).name or 'model'}-{spec.label}"
+        return where / f"{folder.name}-{suffix}"
+    return cwd / f"{Path(source.rstrip('/')).name or 'model'}-{suffix}"
+
+
+def resolve_device(device: str | None) -> str:
+    """ "cuda" (Triton kernels) or "cpu" (PyTorch reference); None picks cuda when PyTorch sees a GPU."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise QtoolError(f"--device must be cuda or cpu, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QtoolError("--device cuda, but PyTorch sees no CUDA GPU", hint="use --device cpu (slower)")
+    return device
+
+
+@contextmanager
+def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to build the output in, renamed to ``out`` when the block succeeds and
+    removed when it fails (Ctrl-C included); a full disk becomes a QtoolError."""
+    tmp = out.resolve().parent / f".{out.name}.qtool-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _replace(tmp, out, overwrite)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise QtoolError(
+                f"no space left on the device while writing {out}",
+                hint="free some space, or choose an --output on a larger disk",
+            ) from exc
+        raise
 
 
 def peak_rss_bytes() -> int:
@@ -349,24 +385,17 @@ def quantize_checkpoint(
     Returns:
         QuantizeResult with per-component sizes, timings and SQNR of the quantized layers.
     """
-    import torch
-
     from qtool import hub
 
     spec = spec or QuantSpec()
     progress = progress or _Silent()
     started = time.perf_counter()
     source = str(source)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QtoolError("--device cuda, but PyTorch sees no CUDA GPU", hint="use --device cpu (slower)")
-    if device not in ("cuda", "cpu"):
-        raise QtoolError(f"--device must be cuda or cpu, got {device!r}")
+    device = resolve_device(device)
     local = hub.is_local(source)
     # For a local source, download() only resolves the path (~ expanded) and refuses a file.
     local_folder = hub.download(source, patterns=[]) if local else None
-    out = Path(output).expanduser() if output else default_output(source, spec, local_folder)
+    out = Path(output).expanduser() if output else default_output(source, spec.label, local_folder)
     if not dry_run:
         _check_output(out, local_folder, overwrite)
 
@@ -394,20 +423,8 @@ def quantize_checkpoint(
         result.seconds = time.perf_counter() - started
         return result
 
-    tmp = out.resolve().parent / f".{out.name}.qtool-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_output(out, overwrite) as tmp:
         _write(plan, spec, folder, tmp, device, progress, result)
-        _replace(tmp, out, overwrite)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise QtoolError(
-                f"no space left on the device while writing {out}",
-                hint="free some space, or choose an --output on a larger disk",
-            ) from exc
-        raise
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = peak_rss_bytes()
     return result
@@ -456,11 +473,16 @@ def download_patterns(
         if components:
             raise QtoolError("--components applies to pipelines (repos with model_index.json); this is one model")
         _refuse_quantized(source, "config.json", files, revision, token)
-        return ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
+        return MODEL_PATTERNS
     # Every component is needed for the output pipeline to load; --components only chooses what is quantized.
     available = pipeline_components(hub.read_json(source, "model_index.json", revision=revision, token=token))
     for name in choose_components(available, components):
         _refuse_quantized(source, f"{name}/config.json", files, revision, token)
+    return pipeline_patterns(available)
+
+
+def pipeline_patterns(available) -> list[str]:
+    """What a pipeline needs from its repo: model_index.json and every component folder, never root checkpoints."""
     return ["model_index.json", *(f"{name}/*" for name in available)]
 
 

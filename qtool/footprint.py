@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qtool.errors import QtoolError
+from qtool.formats.layers import quant_state_keys, quantized_layers
 from qtool.io.reader import ComponentWeights
 from qtool.plan import (
     ComponentPlan,
@@ -44,16 +45,6 @@ from qtool.plan import (
 )
 from qtool.spec import QuantSpec
 
-# Quant-state entries bitsandbytes saves beside a quantized ``<module>.weight`` (bnb-format.md §1.1, §2.1).
-QUANT_STATE_SUFFIXES = (
-    ".weight.absmax",
-    ".weight.quant_map",
-    ".weight.nested_absmax",
-    ".weight.nested_quant_map",
-    ".SCB",
-    ".weight_format",
-)
-QUANT_STATE_BLOB = re.compile(r"\.weight\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -197,9 +188,7 @@ def methods_for(spec: QuantSpec) -> tuple[list[str], dict[str, QuantSpec]]:
 
 def quant_state_bytes(weights: ComponentWeights) -> int:
     """Bytes of the quant-state tensors in a bnb checkpoint: absmax, quant_map, nested_*, SCB, weight_format."""
-    return sum(
-        t.nbytes for k, t in weights.tensors.items() if k.endswith(QUANT_STATE_SUFFIXES) or QUANT_STATE_BLOB.search(k)
-    )
+    return sum(weights.tensors[k].nbytes for k in quant_state_keys(weights.tensors))
 
 
 def _predicted(plan: ComponentPlan, specs: dict[str, QuantSpec]) -> ComponentFootprint:
@@ -242,12 +231,7 @@ def _quantized(name: str, folder: Path, weights: ComponentWeights, config: dict)
     model = build_meta_model(library, class_name, folder)
     tensors = model_tensors(model)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantized = {
-        fqn
-        for fqn in linears
-        if f"{fqn}.SCB" in weights.tensors or f"{fqn}.weight.quant_state.bitsandbytes__nf4" in weights.tensors
-        or f"{fqn}.weight.quant_state.bitsandbytes__fp4" in weights.tensors
-    }  # fmt: skip
+    quantized = {layer.fqn for layer in quantized_layers(weights.tensors).values()} & linears
     memory = memory_bytes(tensors, weights.tensors)
     return ComponentFootprint(
         name=name,

@@ -171,3 +171,29 @@ def print_footprint(result) -> None:
 
 def _params(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:,.1f}M"
+
+
+def print_dequantize_result(result) -> None:
+    """The summary table of `qtool dequantize` (a qtool.dequant.DequantizeResult) on stdout."""
+    table = Table(title=f"Dequantized {result.source}")
+    for column in ("component", "class", "was", "layers", "before", "after", "dtype", "time"):
+        table.add_column(column, justify="left" if column in ("component", "class", "was", "dtype") else "right")
+    for c in result.components:
+        table.add_row(
+            c.name or "(model)",
+            c.class_name,
+            c.method,
+            str(c.layers),
+            human_bytes(c.bytes_before),
+            human_bytes(c.bytes_after),
+            ", ".join(c.dtypes),
+            f"{c.seconds:.1f} s",
+        )
+    console = out_console()
+    console.print(table)
+    if result.copied:
+        console.print(f"copied as they are: {', '.join(result.copied)}")
+    console.print(
+        f"wrote {result.output} in {result.seconds:.1f} s on {result.device} "
+        f"(peak host memory {human_bytes(result.peak_rss_bytes)}); it loads without bitsandbytes"
+    )

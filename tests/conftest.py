@@ -142,3 +142,25 @@ def fake_hub(monkeypatch, tmp_path_factory) -> FakeHub:
     for name in names[1:]:
         monkeypatch.setattr(hub, name, getattr(fake, name))
     return fake
+
+
+# Methods the pipeline-level tests quantize tiny_flux with: label -> QuantSpec keyword arguments.
+FLUX_METHODS = {
+    "nf4": {},
+    "nf4-dq": {"double_quant": True},
+    "fp4-dq": {"quant_type": "fp4", "double_quant": True},
+    "int8": {"bits": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def flux_outputs(tiny_flux, tmp_path_factory) -> dict[str, Path]:
+    """tiny_flux quantized by qtool on the CPU with each of FLUX_METHODS: label -> output folder. Never modify."""
+    from qtool.api import quantize_checkpoint
+    from qtool.spec import QuantSpec
+
+    root = tmp_path_factory.mktemp("flux-outputs")
+    return {
+        label: quantize_checkpoint(tiny_flux, spec=QuantSpec(**kwargs), output=root / label, device="cpu").output
+        for label, kwargs in FLUX_METHODS.items()
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -52,6 +53,18 @@ SkipOpt = Annotated[
         help="Module name to keep in 16-bit (repeatable), matched as diffusers/transformers do.",
     ),
 ]
+
+
+class Device(str, Enum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+DeviceOpt = Annotated[
+    Device | None,
+    typer.Option("--device", help="cuda (Triton kernels) or cpu (PyTorch reference). Default: cuda if present."),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
 
 
 def check_method_flags(bits: int, nf4: bool, fp4: bool, double_quant: bool) -> None:

@@ -10,10 +10,12 @@ import typer
 from qtool.cli._options import (
     BitsOpt,
     ComponentsOpt,
+    DeviceOpt,
     DoubleQuantOpt,
     Fp4Opt,
     JsonOpt,
     Nf4Opt,
+    OverwriteOpt,
     QuietOpt,
     RevisionOpt,
     SkipOpt,
@@ -36,11 +38,6 @@ class ComputeDtype(str, Enum):
     bf16 = "bf16"
     fp16 = "fp16"
     fp32 = "fp32"
-
-
-class Device(str, Enum):
-    cuda = "cuda"
-    cpu = "cpu"
 
 
 def quantize(
@@ -72,16 +69,13 @@ def quantize(
     ] = None,
     revision: RevisionOpt = None,
     token: TokenOpt = None,
-    device: Annotated[
-        Device | None,
-        typer.Option("--device", help="cuda (Triton kernels) or cpu (PyTorch reference). Default: cuda if present."),
-    ] = None,
+    device: DeviceOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and sizes; download weights and write nothing.")
     ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Quantize a diffusers pipeline or a model to bitsandbytes 4-bit / 8-bit, loadable with no extra arguments."""
     check_method_flags(bits, nf4, fp4, double_quant)

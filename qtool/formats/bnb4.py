@@ -15,6 +15,9 @@ import torch
 from qtool.reference.codebooks import NESTED_BLOCKSIZE, QUANT_TYPES
 
 BLOB_PREFIX = "weight.quant_state.bitsandbytes__"
+# The entries of one 4-bit layer, relative to the module, besides the blob (BLOB_PREFIX + quant type); the nested
+# ones only with double quant.
+ENTRY_NAMES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 ROW_FORMAT = 0
+# The entries of one 8-bit layer, relative to the module; "weight_format" is optional on read.
+ENTRY_NAMES = ("weight", "SCB", "weight_format")
 
 
 def encode(weight_int8: torch.Tensor, SCB: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: N803

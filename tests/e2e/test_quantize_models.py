@@ -284,6 +284,22 @@ def test_footprint_predicts_and_reads_the_real_sizes(case):
         assert (component.parameters, component.layers_quantized) == (predicted.parameters, predicted.layers_quantized)
 
 
+@pytest.mark.parametrize("dtype", [None, "fp32"])
+def test_dequantize_of_bnb_and_qtool_outputs_equals_bnb_dequantization(case, tmp_path, dtype):
+    """`qtool dequantize` of bnb's own save_pretrained output and of qtool's: every weight equals bnb's
+    dequantization of the same bytes, every other tensor is unchanged, and quantization_config is gone."""
+    from test_dequantize import check_against_bnb
+
+    from qtool.dequant import dequantize_checkpoint
+
+    for folder in (case.bnb, case.out):
+        out = tmp_path / folder.name
+        result = dequantize_checkpoint(folder, output=out, dtype=dtype, device="cpu")
+        assert result.kind == "model" and result.components[0].method == case.spec.label
+        quantized = [n for n, t in linear_layers(case.ours).items() if t in ("Linear4bit", "Linear8bitLt")]
+        assert check_against_bnb(folder, out, dtype) == len(quantized) > 0
+
+
 def test_forward_matches_bnb(case, source_outputs):
     """The loaded output computes what bnb's own quantization of the source computes (logits, T5 hidden states,
     FLUX sample), within the rounding and tie differences derived in check_forward."""

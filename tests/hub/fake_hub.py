@@ -49,7 +49,8 @@ PR_REF = re.compile(r"refs/pr/(\d+)")
 
 
 def _error(status: int, message: str, code: str | None = None, headers: dict | None = None) -> tuple:
-    headers = {"X-Error-Message": message, **({"X-Error-Code": code} if code else {}), **(headers or {})}
+    header = message.encode("ascii", "replace").decode()  # a header value must be latin-1, on one line
+    headers = {"X-Error-Message": header, **({"X-Error-Code": code} if code else {}), **(headers or {})}
     return status, {"error": message}, headers
 
 

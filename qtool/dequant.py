@@ -1,0 +1,329 @@
+"""``dequantize_checkpoint``: a bitsandbytes 4-bit / 8-bit checkpoint back to a plain one, without bitsandbytes.
+
+Any bnb checkpoint (qtool's, or diffusers'/transformers' ``save_pretrained``; a pipeline or one model folder; local
+or on the Hub): each quantized Linear's entries become one dense ``weight`` (the Triton kernels on a GPU, the
+PyTorch reference on the CPU; equal to bnb's own dequantization of the same bytes), ``quantization_config`` leaves
+config.json, and every other tensor and file is kept as it is. Streams one layer at a time into a temporary folder
+that is renamed into place when complete and verified, like ``quantize_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtool.api import (
+    WEIGHT_SUFFIXES,
+    Progress,
+    _check_output,
+    _copied_entries,
+    _copy_entry,
+    _Silent,
+    atomic_output,
+    default_output,
+    peak_rss_bytes,
+    resolve_device,
+)
+from qtool.errors import QtoolError
+from qtool.formats.layers import QuantizedLayer, quantized_layers
+from qtool.plan import MAX_SHARD_SIZE, detect_library, pipeline_components, quant_method, read_json
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+@dataclass
+class DequantizedComponent:
+    name: str
+    class_name: str
+    method: str  # what it was: nf4-dq, fp4, int8 ...
+    layers: int
+    bytes_before: int
+    bytes_after: int
+    dtypes: list[str] = field(default_factory=list)  # the dtypes the dequantized weights were written in
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DequantizeResult:
+    output: Path
+    source: str
+    kind: str
+    components: list[DequantizedComponent]
+    copied: list[str]
+    device: str
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "output": str(self.output),
+            "source": self.source,
+            "kind": self.kind,
+            "device": self.device,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "copied": self.copied,
+            "components": [
+                {
+                    "name": c.name,
+                    "class": c.class_name,
+                    "method": c.method,
+                    "layers_dequantized": c.layers,
+                    "bytes_before": c.bytes_before,
+                    "bytes_after": c.bytes_after,
+                    "dtypes": c.dtypes,
+                    "seconds": round(c.seconds, 3),
+                    "files": c.files,
+                }
+                for c in self.components
+            ],
+        }
+
+
+def _quantized_components(folder: Path, components: list[str] | None) -> tuple[str, list[str], list[str]]:
+    """``(kind, the components to dequantize, the root entries to copy)``; refuses a checkpoint with nothing to do."""
+    if (folder / "model_index.json").exists():
+        available = pipeline_components(read_json(folder / "model_index.json"))
+        methods = {
+            name: quant_method(read_json(folder / name / "config.json"))
+            for name in available
+            if (folder / name / "config.json").is_file()
+        }
+        if components:
+            missing = [c for c in components if c not in available]
+            if missing:
+                raise QtoolError(
+                    f"no component {', '.join(map(repr, missing))} in this pipeline",
+                    hint=f"it has: {', '.join(available)}",
+                )
+            plain = [c for c in components if methods.get(c) is None]
+            if plain:
+                quantized = [n for n, m in methods.items() if m] or ["none"]
+                raise QtoolError(
+                    f"component {', '.join(map(repr, plain))} is not quantized",
+                    hint=f"the quantized components are: {', '.join(quantized)}",
+                )
+        chosen = list(dict.fromkeys(components)) if components else [n for n, m in methods.items() if m]
+        if not chosen:
+            raise QtoolError(
+                f"{folder} is not quantized: no component's config.json has a quantization_config",
+                hint="dequantize reads checkpoints written by qtool quantize or by bitsandbytes' save_pretrained",
+            )
+        _check_bnb({name: methods[name] for name in chosen})
+        copied = [p.name for p in folder.iterdir() if p.name not in chosen]
+        return "pipeline", chosen, _copied_entries(folder, sorted(copied))
+    if (folder / "config.json").exists():
+        if components:
+            raise QtoolError("--components applies to pipelines (folders with model_index.json); this is one model")
+        method = quant_method(read_json(folder / "config.json"))
+        if method is None:
+            raise QtoolError(
+                f"{folder} is not quantized: its config.json has no quantization_config",
+                hint="dequantize reads checkpoints written by qtool quantize or by bitsandbytes' save_pretrained",
+            )
+        _check_bnb({"": method})
+        return "model", [""], []
+    raise QtoolError(
+        f"{folder} has neither model_index.json (a diffusers pipeline) nor config.json (a model)",
+        hint="point qtool at a folder written by save_pretrained, or at a Hub repo id",
+    )
+
+
+def _check_bnb(methods: dict[str, str | None]) -> None:
+    other = {name: m for name, m in methods.items() if m != "bitsandbytes"}
+    if other:
+        name, method = next(iter(other.items()))
+        raise QtoolError(
+            f"{name or 'the model'} is quantized with {method}; qtool dequantizes bitsandbytes checkpoints only"
+        )
+
+
+def _default_dtype(weights, layers: dict[str, QuantizedLayer]) -> str:
+    """An 8-bit layer records no dtype: use the one the checkpoint's other floating-point tensors are stored in
+    (the dtype it was loaded in before quantization), float16 where there are none (bnb's int8 input dtype)."""
+    owned = {k for layer in layers.values() for k in layer.entries.values()}
+    tags = Counter(t.dtype for k, t in weights.tensors.items() if k not in owned and t.dtype in ("BF16", "F16", "F32"))
+    by_tag = {tag: name for name, tag in _TAGS.items()}
+    return by_tag[tags.most_common(1)[0][0]] if tags else "float16"
+
+
+def _dequantize_component(
+    folder: Path, out: Path, name: str, dtype: str | None, device: str, progress: Progress
+) -> DequantizedComponent:
+    import torch
+
+    from qtool.io.reader import TensorReader, scan_component
+    from qtool.io.writer import ShardedWriter
+    from qtool.quantize import dequantize_tensor
+
+    start = time.perf_counter()
+    config = read_json(folder / "config.json")
+    library, class_name = detect_library(config, folder / "config.json")
+    weights = scan_component(folder)
+    layers = quantized_layers(weights.tensors)
+    if not layers:
+        raise QtoolError(
+            f"{folder}: config.json says bitsandbytes, but no tensor is quantized (no quant_state or SCB entries)",
+            hint="the weights may belong to another checkpoint",
+        )
+    for key, layer in layers.items():
+        if key not in weights.tensors:
+            raise QtoolError(f"{folder}: quantized layer {layer.fqn} has quant-state entries but no {key!r}")
+    owned = {k for layer in layers.values() for k in layer.entries.values()} - set(layers)
+    order = [k for k in weights.tensors if k not in owned]
+    int8_dtype = getattr(torch, dtype or _default_dtype(weights, layers))
+    out.mkdir(parents=True, exist_ok=True)
+    dtypes: set[str] = set()
+    method = _method(config)
+    progress.start(name or class_name, weights.total_bytes)
+    with (
+        TensorReader(weights) as reader,
+        ShardedWriter(out, weights.base_name, MAX_SHARD_SIZE[library]) as writer,
+    ):
+        # One reused (pinned, on a GPU) buffer for the big tensors; a layer's small quant-state entries get their own.
+        staging = torch.empty(
+            max(weights.tensors[k].nbytes for k in order), dtype=torch.uint8, pin_memory=device == "cuda"
+        )
+        for key, tensor in reader.iter_tensors(order, out=staging):
+            layer = layers.get(key)
+            if layer is None:
+                writer.add_group({key: tensor})
+                progress.advance(weights.tensors[key].nbytes)
+                continue
+            entries = {n: tensor if k == key else reader.read(k) for n, k in layer.entries.items()}
+            entries = {n: t.to(device) for n, t in entries.items()}
+            target = getattr(torch, dtype) if dtype else (int8_dtype if layer.bits == 8 else None)
+            try:
+                dense = dequantize_tensor(entries, dtype=target)
+            except ValueError as exc:
+                raise QtoolError(f"{folder}: cannot dequantize {layer.fqn}: {exc}") from exc
+            dtypes.add(str(dense.dtype).removeprefix("torch."))
+            writer.add_group({key: dense.cpu()})
+            progress.advance(sum(weights.tensors[k].nbytes for k in layer.entries.values()))
+            del entries, dense, tensor
+        files = writer.close()
+        bytes_after = writer.total_size
+    progress.finish()
+    config.pop("quantization_config")
+    # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for entry in folder.iterdir():
+        if entry.name == "config.json" or entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
+            continue
+        _copy_entry(entry, out / entry.name)
+    _verify(weights, layers, out)
+    return DequantizedComponent(
+        name=name,
+        class_name=class_name,
+        method=method,
+        layers=len(layers),
+        bytes_before=weights.total_bytes,
+        bytes_after=bytes_after,
+        dtypes=sorted(dtypes),
+        seconds=time.perf_counter() - start,
+        files=[p.name for p in files],
+    )
+
+
+def _method(config: dict) -> str:
+    from qtool.spec import QuantSpec
+
+    try:
+        return QuantSpec.from_quantization_config(config["quantization_config"]).label
+    except (QtoolError, TypeError, ValueError, AttributeError):
+        return "bitsandbytes"
+
+
+def _verify(weights, layers: dict[str, QuantizedLayer], out: Path) -> None:
+    """Re-read the written headers: the source's keys minus every quant-state entry, each weight 2-D and float."""
+    from qtool.io.reader import scan_component
+
+    written = scan_component(out).tensors
+    owned = {k for layer in layers.values() for k in layer.entries.values()} - set(layers)
+    expected = [k for k in weights.tensors if k not in owned]
+    if sorted(written) != sorted(expected):
+        raise QtoolError(f"verification of {out} failed: the written keys are not the source's minus quant states")
+    for key in expected:
+        info, source = written[key], weights.tensors[key]
+        if key in layers:
+            if info.dtype not in ("BF16", "F16", "F32") or len(info.shape) != 2:
+                raise QtoolError(f"verification of {out} failed: {key} is {info.dtype} {list(info.shape)}")
+        elif (info.dtype, info.shape) != (source.dtype, source.shape):
+            raise QtoolError(f"verification of {out} failed: {key} changed from {source.dtype} to {info.dtype}")
+
+
+def dequantize_checkpoint(
+    source: str | os.PathLike,
+    *,
+    output: str | os.PathLike | None = None,
+    dtype: str | None = None,
+    components: list[str] | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> DequantizeResult:
+    """Write a bitsandbytes checkpoint (local folder or Hub repo; a pipeline or one model) back as a plain one.
+
+    Args:
+        source: a folder written by qtool quantize or bnb's save_pretrained, or a Hub repo id.
+        output: the output folder (default: ./<source name>-dequantized).
+        dtype: "bf16", "fp16" or "fp32" for the dequantized weights; default: for 4-bit layers the dtype their
+            quant state records (the original weight's), for 8-bit ones the dtype of the checkpoint's other float
+            tensors. Other tensors are kept as they are.
+        components: the pipeline components to dequantize (default: every quantized one).
+        revision, token: for Hub sources.
+        device: "cuda" (Triton kernels) or "cpu" (PyTorch reference); default: cuda when available.
+        overwrite: replace an existing output folder.
+        progress: receives progress events (bytes read per component).
+    """
+    from qtool import hub
+
+    if dtype is not None and dtype not in DTYPES:
+        raise QtoolError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    progress = progress or _Silent()
+    started = time.perf_counter()
+    source = str(source)
+    device = resolve_device(device)
+    local_folder = hub.download(source, patterns=[]) if hub.is_local(source) else None
+    out = Path(output).expanduser() if output else default_output(source, "dequantized", local_folder)
+    _check_output(out, local_folder, overwrite)
+    if local_folder is not None:
+        folder = local_folder
+    else:
+        folder = _download(source, components, revision=revision, token=token, progress=progress.enabled)
+    kind, chosen, copied = _quantized_components(folder, components)
+    result = DequantizeResult(output=out, source=source, kind=kind, components=[], copied=copied, device=device)
+    with atomic_output(out, overwrite) as tmp:
+        for name in chosen:
+            target = tmp / name if name else tmp
+            result.components.append(
+                _dequantize_component(folder / name, target, name, DTYPES.get(dtype or ""), device, progress)
+            )
+        for name in copied:
+            _copy_entry(folder / name, tmp / name)
+    result.seconds = time.perf_counter() - started
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _download(source: str, components: list[str] | None, *, revision, token, progress: bool) -> Path:
+    """The repo's JSON files first, so that a plain or foreign checkpoint is refused before any weight is fetched;
+    then the pipeline's component folders (never root single-file checkpoints), or the model's files."""
+    from qtool import hub
+    from qtool.api import MODEL_PATTERNS, pipeline_patterns
+
+    folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
+    _quantized_components(folder, components)
+    if (folder / "model_index.json").exists():
+        patterns = pipeline_patterns(pipeline_components(read_json(folder / "model_index.json")))
+    else:
+        patterns = MODEL_PATTERNS
+    return hub.download(source, patterns=patterns, revision=revision, token=token, progress=progress)
