@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -33,8 +34,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf", ".sf
 # Root folders of a local checkpoint that are not part of it, never copied: git's store (a git-lfs clone holds every
 # weight again under .git/lfs) and huggingface_hub's `--local-dir` download metadata (.cache/huggingface).
 NOT_COPIED = (".git", ".cache")
+# Files that describe a checkpoint rather than belong to it: the source's model card (it describes the source, not
+# the output) and qtool's provenance record (PROVENANCE). Never copied from input to output.
+DESCRIPTION_FILES = ("README.md", "qtool.json")
+PROVENANCE = "qtool.json"
 # What a one-model repo needs: configs, weights, tokenizer and remote-code files.
-MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py"]
+MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "README.md"]
 
 
 class Progress(Protocol):
@@ -218,7 +223,8 @@ def _copied_entries(folder: Path, names: list[str]) -> list[str]:
     return [
         name
         for name in names
-        if name not in NOT_COPIED and not (name.endswith(WEIGHT_SUFFIXES) and not (folder / name).is_dir())
+        if name not in NOT_COPIED + DESCRIPTION_FILES
+        and not (name.endswith(WEIGHT_SUFFIXES) and not (folder / name).is_dir())
     ]
 
 
@@ -236,6 +242,16 @@ def _copy_entry(src: Path, dst: Path) -> None:
         shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=False)
     else:
         _link_or_copy(str(src), str(dst))
+
+
+def copy_component_files(folder: Path, out: Path) -> None:
+    """A component folder's files other than its weights, config.json and description files (tokenizer files,
+    generation_config.json, ...), hard-linked into ``out``."""
+    for entry in folder.iterdir():
+        name = entry.name
+        if name in ("config.json", *DESCRIPTION_FILES) or name.endswith((*WEIGHT_SUFFIXES, ".index.json")):
+            continue
+        _copy_entry(entry, out / name)
 
 
 def _sqnr_db(weight, restored) -> float | None:
@@ -307,10 +323,7 @@ def _quantize_component(
     config["quantization_config"] = spec.quantization_config()
     # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for entry in plan.folder.iterdir():
-        if entry.name == "config.json" or entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
-            continue
-        _copy_entry(entry, out / entry.name)
+    copy_component_files(plan.folder, out)
     finite = [s for s in sqnrs if math.isfinite(s)]
     return ComponentResult.of_plan(
         plan,
@@ -425,9 +438,35 @@ def quantize_checkpoint(
 
     with atomic_output(out, overwrite) as tmp:
         _write(plan, spec, folder, tmp, device, progress, result)
+        provenance = _provenance(source, folder, local_folder is None, revision, plan, spec)
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def _provenance(source: str, folder: Path, from_hub: bool, revision: str | None, plan: Plan, spec: QuantSpec) -> dict:
+    """What ``qtool push`` needs to describe the output: where it came from (a Hub repo id and the commit that was
+    downloaded, or a local folder), the source card's license and tags, and the method."""
+    from qtool import __version__, hub
+
+    card = hub.card_metadata(folder / "README.md") if (folder / "README.md").is_file() else {}
+    libraries = sorted({c.library for c in plan.components})
+    return {
+        "qtool_version": __version__,
+        "source": source if from_hub else str(Path(source).expanduser().resolve()),
+        "source_is_hub_repo": from_hub,
+        # The Hub cache's snapshot folder is named after the commit it holds.
+        "source_revision": folder.name if from_hub and re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision,
+        "license": card.get("license"),
+        "pipeline_tag": card.get("pipeline_tag"),
+        "kind": plan.kind,
+        "library_name": "diffusers" if plan.kind == "pipeline" else libraries[0],
+        "method": spec.label,
+        "quantization_config": spec.quantization_config(),
+        "components": [c.name for c in plan.components],
+        "bytes_before": {c.name: c.bytes_before for c in plan.components},
+    }
 
 
 def _write(plan: Plan, spec: QuantSpec, folder: Path, tmp: Path, device: str, progress, result) -> None:
@@ -483,7 +522,7 @@ def download_patterns(
 
 def pipeline_patterns(available) -> list[str]:
     """What a pipeline needs from its repo: model_index.json and every component folder, never root checkpoints."""
-    return ["model_index.json", *(f"{name}/*" for name in available)]
+    return ["model_index.json", "README.md", *(f"{name}/*" for name in available)]
 
 
 def _refuse_quantized(source: str, config: str, files: list[str], revision, token) -> None:

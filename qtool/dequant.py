@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qtool.api import (
-    WEIGHT_SUFFIXES,
     Progress,
     _check_output,
     _copied_entries,
     _copy_entry,
     _Silent,
     atomic_output,
+    copy_component_files,
     default_output,
     peak_rss_bytes,
     resolve_device,
@@ -213,10 +213,7 @@ def _dequantize_component(
     config.pop("quantization_config")
     # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for entry in folder.iterdir():
-        if entry.name == "config.json" or entry.name.endswith(WEIGHT_SUFFIXES) or entry.name.endswith(".index.json"):
-            continue
-        _copy_entry(entry, out / entry.name)
+    copy_component_files(folder, out)
     _verify(weights, layers, out)
     return DequantizedComponent(
         name=name,

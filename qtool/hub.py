@@ -27,7 +27,17 @@ from typing import Any
 
 from qtool.errors import QtoolError
 
-__all__ = ["is_local", "list_files", "download", "read_json", "safetensors_headers", "upload_folder"]
+__all__ = [
+    "is_local",
+    "list_files",
+    "download",
+    "read_json",
+    "safetensors_headers",
+    "upload_folder",
+    "endpoint",
+    "card_metadata",
+    "render_card",
+]
 
 # One part of a repo id, by the Hub's rules: word characters, "-" and ".", starting and ending with a word
 # character, at most 96 characters; "--" and ".." are refused separately.
@@ -194,12 +204,15 @@ def upload_folder(
     create_pr: bool = False,
     commit_message: str | None = None,
     token: str | None = None,
-) -> str:
-    """Push ``folder`` to the model repo ``repo_id`` in one commit, creating the repo if needed; the commit URL.
+) -> tuple[str, str | None]:
+    """Push every file of ``folder`` to the model repo ``repo_id`` in exactly one commit, creating the repo if
+    needed; ``(commit URL, pull request URL or None)``.
 
-    ``private=False`` leaves the visibility of a new repo to the Hub (public, unless the organization makes new
-    repos private); an existing repo keeps its visibility. ``revision`` is the branch to commit to (it must exist);
-    with ``create_pr`` the commit opens a pull request instead.
+    One ``create_commit`` with every file, so the repo never shows a config.json without its weights (``upload_folder``
+    may split large folders into several commits). Large files go through huggingface_hub's LFS/Xet pre-upload,
+    which skips what the Hub already holds: a push that failed part-way resumes where it stopped when run again.
+    ``private=False`` leaves the visibility of a new repo to the Hub; an existing repo keeps its own. ``revision``
+    is the branch to commit to (it must exist); with ``create_pr`` the commit opens a pull request instead.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -208,17 +221,46 @@ def upload_folder(
         raise QtoolError(f"{repo_id!r} is not a Hugging Face repo id", hint="use `owner/name`, e.g. me/FLUX.1-dev-nf4")
     import huggingface_hub as hf
 
+    files = _local_files(folder)
     with _hub_errors(repo_id, token=token, revision=revision):
         repo = hf.create_repo(repo_id=repo_id, private=private or None, exist_ok=True, token=token)
-        commit = hf.upload_folder(
-            repo_id=repo.repo_id,
-            folder_path=folder,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or "Upload checkpoint quantized with qtool",
-            token=token,
-        )
-    return commit.commit_url
+        operations = [hf.CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+        try:
+            commit = hf.create_commit(
+                repo_id=repo.repo_id,
+                operations=operations,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or "Upload checkpoint quantized with qtool",
+                token=token,
+            )
+        except ValueError as exc:  # the client's own argument checks (e.g. create_pr against another branch)
+            raise QtoolError(f"the push was refused before uploading: {_one_line(str(exc))}") from None
+    return commit.commit_url, commit.pr_url
+
+
+def endpoint() -> str:
+    """The Hub's base URL (HF_ENDPOINT, or https://huggingface.co)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def card_metadata(path: Path) -> dict:
+    """The YAML metadata of a model card (README.md), or {} when there is none or it does not parse."""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        return metadata_load(path) or {}
+    except Exception:  # a damaged card must not stop a conversion; its metadata is only carried over
+        return {}
+
+
+def render_card(metadata: dict, body: str) -> str:
+    """A model card: ``metadata`` as the YAML block huggingface_hub writes, then the markdown ``body``."""
+    from huggingface_hub import ModelCardData
+
+    return f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n\n{body.strip()}\n"
 
 
 # Local folders

@@ -29,6 +29,8 @@ QUANTIZED = ("transformer", "text_encoder_2")
 LAYERS = {"transformer": 50, "text_encoder_2": 12}
 # Root files of a real FLUX.1-dev repo that are not part of the diffusers layout.
 ROOT_EXTRAS = ("flux1-dev.safetensors", "ae.safetensors", "README.md", "dev_grid.jpg")
+# Of those, what a run never downloads (it reads the card, README.md, for the license it records).
+NEVER_FETCHED = set(ROOT_EXTRAS) - {"README.md"}
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -291,7 +293,8 @@ def test_every_tensor_is_prefetched_before_it_is_read(model_copy, tmp_path, monk
 
 
 def test_git_caches_and_root_checkpoints_are_neither_copied_nor_reported(tiny_flux, tmp_path):
-    """A clone's .git and .cache and its root checkpoints are not copied, and ``copied`` lists what was."""
+    """A clone's .git and .cache, its root checkpoints and its model card (it describes the source) are not copied,
+    and ``copied`` lists what was; qtool.json records where the output came from."""
     source = tmp_path / "flux-clone"
     shutil.copytree(tiny_flux, source, copy_function=os.link)
     (source / ".git" / "lfs").mkdir(parents=True)
@@ -301,8 +304,8 @@ def test_git_caches_and_root_checkpoints_are_neither_copied_nor_reported(tiny_fl
     for name in ROOT_EXTRAS:
         (source / name).write_bytes(b"never copied")
     result = api.quantize_checkpoint(source, output=tmp_path / "out", device="cpu")
-    expected = sorted({*COMPONENTS, "model_index.json", "README.md", "dev_grid.jpg"})
-    assert sorted(os.listdir(tmp_path / "out")) == expected
+    expected = sorted({*COMPONENTS, "model_index.json", "dev_grid.jpg"})
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([*expected, "qtool.json"])
     assert result.copied == sorted(set(expected) - set(QUANTIZED))
 
 
@@ -366,12 +369,13 @@ def assert_calls_carry_revision_and_token(hub) -> None:
 
 
 def test_download_patterns_fetch_the_pipeline_and_never_root_checkpoints(hub):
-    """A pipeline repo's download is model_index.json and the component folders, never its root files."""
+    """A pipeline repo's download is model_index.json, its card and the component folders, never its other root
+    files."""
     patterns = api.download_patterns(REPO, revision=REVISION, token=TOKEN)
     files = hub.files(REPO)
     matched = {f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)}
-    assert matched == {"model_index.json"} | {f for f in files if f.split("/")[0] in COMPONENTS}
-    assert not matched & set(ROOT_EXTRAS)
+    assert matched == {"model_index.json", "README.md"} | {f for f in files if f.split("/")[0] in COMPONENTS}
+    assert not matched & NEVER_FETCHED
     assert_calls_carry_revision_and_token(hub)
 
 
@@ -399,11 +403,23 @@ def test_a_dry_run_on_a_repo_reads_json_and_headers_only(hub, tiny_flux, tmp_pat
 
 
 def test_a_run_through_the_hub_writes_what_a_local_run_writes(hub, tiny_flux_nf4, tmp_path):
-    """A run on a repo writes a local run's output byte for byte; revision and token reach the Hub, never the output."""
+    """A run on a repo writes a local run's output byte for byte, but for the provenance record (qtool.json), which
+    names the repo and revision; revision and token reach the Hub, and the token never reaches the output."""
     result = api.quantize_checkpoint(REPO, revision=REVISION, token=TOKEN, device="cpu")
-    assert not fetched(hub, REPO) & set(ROOT_EXTRAS)
+    assert not fetched(hub, REPO) & NEVER_FETCHED
     assert result.output == tmp_path / "tiny-flux-nf4" and os.listdir(tmp_path) == ["tiny-flux-nf4"]
-    assert tree(result.output) == tree(tiny_flux_nf4.output)
+    ours_tree, local_tree = tree(result.output), tree(tiny_flux_nf4.output)
+    provenance, local_provenance = (json.loads(t.pop("qtool.json")) for t in (ours_tree, local_tree))
+    assert ours_tree == local_tree
+    assert (provenance["source"], provenance["source_is_hub_repo"], provenance["source_revision"]) == (
+        REPO,
+        True,
+        REVISION,
+    )
+    assert local_provenance["source"] == str(tiny_flux_nf4.source) and not local_provenance["source_is_hub_repo"]
+    assert {k: v for k, v in provenance.items() if not k.startswith("source")} == {
+        k: v for k, v in local_provenance.items() if not k.startswith("source")
+    }
     volatile = {"output", "source", "seconds", "peak_rss_bytes"}
     ours, local = result.to_dict(), tiny_flux_nf4.to_dict()
     for data in (ours, local):

@@ -351,22 +351,30 @@ def test_safetensors_headers_repo_error_names_the_file():
 
 
 def test_upload_folder(tmp_path):
+    """One create_commit with every file of the folder (nested ones too), after create_repo."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "sub" / "b.safetensors").write_bytes(b"xy")
     commit = CommitInfo(commit_url=f"{URL}/commit/{'a' * 40}", commit_message="m", commit_description="", oid="a" * 40)
     with (
         patch_hf("create_repo", return_value=RepoUrl(URL)) as create_repo,
-        patch_hf("upload_folder", return_value=commit) as upload_folder,
+        patch_hf("create_commit", return_value=commit) as create_commit,
     ):
-        url = hub.upload_folder(tmp_path, REPO, private=True, revision="dev", create_pr=True, token=TOKEN)
-    assert url == f"{URL}/commit/{'a' * 40}"
+        url, pr = hub.upload_folder(tmp_path, REPO, private=True, revision="dev", create_pr=True, token=TOKEN)
+    assert (url, pr) == (f"{URL}/commit/{'a' * 40}", None)
     create_repo.assert_called_once_with(repo_id=REPO, private=True, exist_ok=True, token=TOKEN)
-    upload_folder.assert_called_once_with(
-        repo_id=REPO,
-        folder_path=tmp_path,
-        revision="dev",
-        create_pr=True,
-        commit_message="Upload checkpoint quantized with qtool",
-        token=TOKEN,
-    )
+    kwargs = create_commit.call_args.kwargs
+    assert [(op.path_in_repo, op.path_or_fileobj) for op in kwargs.pop("operations")] == [
+        ("a.json", str(tmp_path / "a.json")),
+        ("sub/b.safetensors", str(tmp_path / "sub" / "b.safetensors")),
+    ]
+    assert kwargs == {
+        "repo_id": REPO,
+        "revision": "dev",
+        "create_pr": True,
+        "commit_message": "Upload checkpoint quantized with qtool",
+        "token": TOKEN,
+    }
 
 
 def test_upload_folder_defaults_and_namespace(tmp_path):
@@ -374,13 +382,13 @@ def test_upload_folder_defaults_and_namespace(tmp_path):
     commit = CommitInfo(commit_url=f"{URL}/commit/{'b' * 40}", commit_message="m", commit_description="", oid="b")
     with (
         patch_hf("create_repo", return_value=RepoUrl(URL)) as create_repo,
-        patch_hf("upload_folder", return_value=commit) as upload_folder,
+        patch_hf("create_commit", return_value=commit) as create_commit,
     ):
         hub.upload_folder(tmp_path, "tiny-flux", commit_message="nf4")
     create_repo.assert_called_once_with(repo_id="tiny-flux", private=None, exist_ok=True, token=None)
-    assert upload_folder.call_args.kwargs["repo_id"] == REPO
-    assert upload_folder.call_args.kwargs["commit_message"] == "nf4"
-    assert upload_folder.call_args.kwargs["create_pr"] is False
+    assert create_commit.call_args.kwargs["repo_id"] == REPO
+    assert create_commit.call_args.kwargs["commit_message"] == "nf4"
+    assert create_commit.call_args.kwargs["create_pr"] is False
 
 
 def test_upload_folder_checks_its_arguments(tmp_path):
@@ -395,7 +403,7 @@ def test_upload_folder_checks_its_arguments(tmp_path):
 def test_upload_folder_forbidden(tmp_path):
     with (
         patch_hf("create_repo", return_value=RepoUrl(URL)),
-        patch_hf("upload_folder", side_effect=http_error(HfHubHTTPError, 403, "Forbidden")),
+        patch_hf("create_commit", side_effect=http_error(HfHubHTTPError, 403, "Forbidden")),
         pytest.raises(QtoolError, match=r"HTTP 403") as info,
     ):
         hub.upload_folder(tmp_path, REPO)
@@ -537,7 +545,7 @@ def calls(tmp_path):
             "parse_safetensors_file_metadata",
             lambda: hub.safetensors_headers(REPO, ["a.safetensors", "b.safetensors"], token=TOKEN),
         ),
-        "upload": ("upload_folder", lambda: hub.upload_folder(tmp_path, REPO, token=TOKEN)),
+        "upload": ("create_commit", lambda: hub.upload_folder(tmp_path, REPO, token=TOKEN)),
     }
 
 
