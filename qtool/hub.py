@@ -217,8 +217,7 @@ def upload_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise QtoolError(f"no such folder: {folder}", hint="pass the folder that qtool wrote")
-    if not _is_repo_id(repo_id):
-        raise QtoolError(f"{repo_id!r} is not a Hugging Face repo id", hint="use `owner/name`, e.g. me/FLUX.1-dev-nf4")
+    check_repo_id(repo_id)
     import huggingface_hub as hf
 
     files = _local_files(folder)
@@ -237,6 +236,12 @@ def upload_folder(
         except ValueError as exc:  # the client's own argument checks (e.g. create_pr against another branch)
             raise QtoolError(f"the push was refused before uploading: {_one_line(str(exc))}") from None
     return commit.commit_url, commit.pr_url
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse what cannot name a repo to push to (``owner/name``, or ``name`` in the token's namespace)."""
+    if not _is_repo_id(repo_id):
+        raise QtoolError(f"{repo_id!r} is not a Hugging Face repo id", hint="use `owner/name`, e.g. me/FLUX.1-dev-nf4")
 
 
 def endpoint() -> str:

@@ -197,3 +197,22 @@ def print_dequantize_result(result) -> None:
         f"wrote {result.output} in {result.seconds:.1f} s on {result.device} "
         f"(peak host memory {human_bytes(result.peak_rss_bytes)}); it loads without bitsandbytes"
     )
+
+
+def print_push_result(result) -> None:
+    """What `qtool push` uploaded or, with --dry-run, would upload (a qtool.push.PushResult)."""
+    table = Table(title=f"{'Would upload' if result.dry_run else 'Uploaded'} {result.folder} -> {result.url}")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for path, size in result.files:
+        note = " (model card, written by qtool)" if path == "README.md" and result.card_written else ""
+        table.add_row(path + note, human_bytes(size))
+    table.add_row("total", human_bytes(result.total_bytes), style="bold")
+    console = out_console()
+    console.print(table)
+    if result.dry_run:
+        console.print("dry run: nothing was written or uploaded")
+    elif result.pr_url:
+        console.print(f"opened a pull request: {result.pr_url}")
+    else:
+        console.print(f"one commit: {result.commit_url}")

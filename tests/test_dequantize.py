@@ -224,3 +224,32 @@ def test_cli(flux_outputs, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
     quiet = CliRunner().invoke(app, ["dequantize", str(flux_outputs["int8"]), "-o", str(out), "--overwrite", "-q"])
     assert quiet.exit_code == 0 and quiet.stdout.strip() == str(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.bnb
+@pytest.mark.parametrize("dtype", [None, "fp32", "fp16"])
+@pytest.mark.parametrize("label", ["nf4", "nf4-dq", "fp4-dq", "int8"])
+def test_gpu_path_equals_bnb_cuda_dequantization(flux_outputs, tmp_path, label, dtype):
+    """On a GPU (Triton kernels): every weight equals bnb CUDA's dequantization of the same bytes, and the CPU path's."""
+    import bitsandbytes.functional as F  # noqa: N812
+
+    gpu = dequantize_checkpoint(flux_outputs[label], output=tmp_path / "gpu", dtype=dtype, device="cuda")
+    dequantize_checkpoint(flux_outputs[label], output=tmp_path / "cpu", dtype=dtype, device="cpu")
+    assert gpu.device == "cuda"
+    for name in QUANTIZED:
+        source, ours, cpu = (read_all(f / name) for f in (flux_outputs[label], tmp_path / "gpu", tmp_path / "cpu"))
+        for key, layer in quantized_layers(source).items():
+            entries = {n: source[k].cuda() for n, k in layer.entries.items()}
+            target = ours[key].dtype
+            if "SCB" in entries:
+                expected = F.int8_vectorwise_dequant(entries["weight"], entries["SCB"]).to(target)
+            else:
+                state = F.QuantState.from_dict(
+                    {k.removeprefix("weight."): v for k, v in entries.items() if k != "weight"},
+                    device=torch.device("cuda"),
+                )
+                state.dtype = target
+                expected = F.dequantize_4bit(entries["weight"], state)
+            assert_equal(ours[key], expected.cpu(), key)
+            assert_equal(ours[key], cpu[key], key)

@@ -51,12 +51,14 @@ def _register() -> None:
     from qtool.cli._errors import cli_errors
     from qtool.cli.dequantize import DEQUANTIZE_EXAMPLES, dequantize
     from qtool.cli.footprint import FOOTPRINT_EXAMPLES, footprint
+    from qtool.cli.push import PUSH_EXAMPLES, push
     from qtool.cli.quantize import QUANTIZE_EXAMPLES, quantize
 
     for command, examples in (
         (quantize, QUANTIZE_EXAMPLES),
         (footprint, FOOTPRINT_EXAMPLES),
         (dequantize, DEQUANTIZE_EXAMPLES),
+        (push, PUSH_EXAMPLES),
     ):
         app.command(epilog="Examples:\n\n" + "\n\n".join(f"  {e}" for e in examples))(cli_errors(command))
 

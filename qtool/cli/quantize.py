@@ -24,6 +24,7 @@ from qtool.cli._options import (
     check_method_flags,
     split_components,
 )
+from qtool.cli.push import PrivateOpt
 from qtool.errors import QtoolError
 
 QUANTIZE_EXAMPLES = [
@@ -73,6 +74,16 @@ def quantize(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan and sizes; download weights and write nothing.")
     ] = False,
+    push_to: Annotated[
+        str | None,
+        typer.Option(
+            "--push-to",
+            metavar="REPO_ID",
+            help="Then publish the output to this Hub repo in one commit, with a model card (as qtool push).",
+            show_default=False,
+        ),
+    ] = None,
+    private: PrivateOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     overwrite: OverwriteOpt = False,
@@ -81,6 +92,14 @@ def quantize(
     check_method_flags(bits, nf4, fp4, double_quant)
     if json_output and quiet:
         raise QtoolError("--json and --quiet conflict", hint="--json prints one JSON object; --quiet only the path")
+    if push_to and dry_run:
+        raise QtoolError("--push-to and --dry-run conflict", hint="a dry run writes nothing to push")
+    if private and not push_to:
+        raise QtoolError("--private applies to --push-to", hint="add --push-to REPO_ID, or drop --private")
+    if push_to:
+        from qtool.hub import check_repo_id
+
+        check_repo_id(push_to)  # before the work, not after
 
     from qtool import api, ui
     from qtool.spec import QuantSpec
@@ -106,9 +125,16 @@ def quantize(
         overwrite=overwrite,
         progress=ui.RichProgress(enabled=not (quiet or json_output)),
     )
+    pushed = None
+    if push_to:
+        from qtool.push import push_folder
+
+        pushed = push_folder(result.output, push_to, private=private, token=token)
     if json_output:
-        ui.print_json(result.to_dict())
+        ui.print_json(result.to_dict() | ({"push": pushed.to_dict()} if pushed else {}))
     elif quiet:
         typer.echo(str(result.output))
     else:
         ui.print_quantize_result(result)
+        if pushed:
+            ui.print_push_result(pushed)
