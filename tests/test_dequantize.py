@@ -231,7 +231,7 @@ def test_cli(flux_outputs, tmp_path):
 @pytest.mark.parametrize("dtype", [None, "fp32", "fp16"])
 @pytest.mark.parametrize("label", ["nf4", "nf4-dq", "fp4-dq", "int8"])
 def test_gpu_path_equals_bnb_cuda_dequantization(flux_outputs, tmp_path, label, dtype):
-    """On a GPU (Triton kernels): every weight equals bnb CUDA's dequantization of the same bytes, and the CPU path's."""
+    """On a GPU (Triton kernels): every weight equals bnb CUDA's dequantization of the same bytes and the CPU path's."""
     import bitsandbytes.functional as F  # noqa: N812
 
     gpu = dequantize_checkpoint(flux_outputs[label], output=tmp_path / "gpu", dtype=dtype, device="cuda")
