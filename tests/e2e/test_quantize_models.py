@@ -200,7 +200,8 @@ def check_config(case: Case) -> None:
     assert config == json.loads((case.source / "config.json").read_text())
     # What bnb's save_pretrained writes for the same BitsAndBytesConfig, and the same files.
     assert json.loads((case.bnb / "config.json").read_text())["quantization_config"] == case.spec.quantization_config()
-    assert sorted(p.name for p in case.out.iterdir()) == sorted(p.name for p in case.bnb.iterdir())
+    # The same files, plus qtool's provenance record.
+    assert sorted(p.name for p in case.out.iterdir()) == sorted([*(p.name for p in case.bnb.iterdir()), "qtool.json"])
 
 
 def check_layers(case: Case) -> None:
