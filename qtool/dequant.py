@@ -30,7 +30,7 @@ from qtool.api import (
 )
 from qtool.errors import QtoolError
 from qtool.formats.layers import QuantizedLayer, quantized_layers
-from qtool.plan import MAX_SHARD_SIZE, detect_library, pipeline_components, quant_method, read_json
+from qtool.plan import MAX_SHARD_SIZE, choose_components, detect_library, pipeline_components, quant_method, read_json
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -96,12 +96,7 @@ def _quantized_components(folder: Path, components: list[str] | None) -> tuple[s
             if (folder / name / "config.json").is_file()
         }
         if components:
-            missing = [c for c in components if c not in available]
-            if missing:
-                raise QtoolError(
-                    f"no component {', '.join(map(repr, missing))} in this pipeline",
-                    hint=f"it has: {', '.join(available)}",
-                )
+            components = choose_components(available, components)  # refuses names the pipeline lacks
             plain = [c for c in components if methods.get(c) is None]
             if plain:
                 quantized = [n for n, m in methods.items() if m] or ["none"]

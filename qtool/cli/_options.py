@@ -78,3 +78,8 @@ def check_method_flags(bits: int, nf4: bool, fp4: bool, double_quant: bool) -> N
 
 def split_components(components: str | None) -> list[str] | None:
     return [c.strip() for c in components.split(",") if c.strip()] if components else None
+
+
+def check_output_flags(json_output: bool, quiet: bool) -> None:
+    if json_output and quiet:
+        raise QtoolError("--json and --quiet conflict", hint="--json prints one JSON object; --quiet only the path")

@@ -15,9 +15,9 @@ from qtool.cli._options import (
     RevisionOpt,
     SourceArg,
     TokenOpt,
+    check_output_flags,
     split_components,
 )
-from qtool.errors import QtoolError
 
 DEQUANTIZE_EXAMPLES = [
     "qtool dequantize ./FLUX.1-dev-nf4-dq --output ./FLUX.1-dev-bf16",
@@ -75,8 +75,7 @@ def dequantize(
     (a pipeline or one model, local or on the Hub). The values equal bitsandbytes' own dequantization; the
     quantization error itself stays (dequantizing cannot restore the original weights).
     """
-    if json_output and quiet:
-        raise QtoolError("--json and --quiet conflict", hint="--json prints one JSON object; --quiet only the path")
+    check_output_flags(json_output, quiet)
 
     from qtool import dequant, ui
 

@@ -22,6 +22,7 @@ from qtool.cli._options import (
     SourceArg,
     TokenOpt,
     check_method_flags,
+    check_output_flags,
     split_components,
 )
 from qtool.cli.push import PrivateOpt
@@ -90,8 +91,7 @@ def quantize(
 ) -> None:
     """Quantize a diffusers pipeline or a model to bitsandbytes 4-bit / 8-bit, loadable with no extra arguments."""
     check_method_flags(bits, nf4, fp4, double_quant)
-    if json_output and quiet:
-        raise QtoolError("--json and --quiet conflict", hint="--json prints one JSON object; --quiet only the path")
+    check_output_flags(json_output, quiet)
     if push_to and dry_run:
         raise QtoolError("--push-to and --dry-run conflict", hint="a dry run writes nothing to push")
     if private and not push_to:
