@@ -527,12 +527,12 @@ def pipeline_patterns(available) -> list[str]:
 
 def _refuse_quantized(source: str, config: str, files: list[str], revision, token) -> None:
     from qtool import hub
+    from qtool.plan import quant_method
 
     if config not in files:
         return  # plan_folder says what is missing, after the download
-    quantization = hub.read_json(source, config, revision=revision, token=token).get("quantization_config")
-    if quantization is not None:
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
+    method = quant_method(hub.read_json(source, config, revision=revision, token=token))
+    if method is not None:
         where = f"{source}/{config.removesuffix('/config.json')}" if "/" in config else source
         raise QtoolError(
             f"{where} is already quantized ({method})", hint="point qtool at the original (unquantized) checkpoint"

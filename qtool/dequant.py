@@ -29,7 +29,7 @@ from qtool.api import (
     resolve_device,
 )
 from qtool.errors import QtoolError
-from qtool.formats.layers import QuantizedLayer, quantized_layers
+from qtool.formats.layers import QuantizedLayer, quant_state_keys, quantized_layers
 from qtool.plan import MAX_SHARD_SIZE, choose_components, detect_library, pipeline_components, quant_method, read_json
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -139,10 +139,10 @@ def _check_bnb(methods: dict[str, str | None]) -> None:
         )
 
 
-def _default_dtype(weights, layers: dict[str, QuantizedLayer]) -> str:
+def _default_dtype(weights, owned: set[str]) -> str:
     """An 8-bit layer records no dtype: use the one the checkpoint's other floating-point tensors are stored in
-    (the dtype it was loaded in before quantization), float16 where there are none (bnb's int8 input dtype)."""
-    owned = {k for layer in layers.values() for k in layer.entries.values()}
+    (the dtype it was loaded in before quantization), float16 where there are none (bnb's int8 input dtype).
+    ``owned``: the quant-state keys (the quantized weights themselves are integer, never counted)."""
     tags = Counter(t.dtype for k, t in weights.tensors.items() if k not in owned and t.dtype in ("BF16", "F16", "F32"))
     by_tag = {tag: name for name, tag in _TAGS.items()}
     return by_tag[tags.most_common(1)[0][0]] if tags else "float16"
@@ -170,9 +170,9 @@ def _dequantize_component(
     for key, layer in layers.items():
         if key not in weights.tensors:
             raise QtoolError(f"{folder}: quantized layer {layer.fqn} has quant-state entries but no {key!r}")
-    owned = {k for layer in layers.values() for k in layer.entries.values()} - set(layers)
+    owned = quant_state_keys(layers)
     order = [k for k in weights.tensors if k not in owned]
-    int8_dtype = getattr(torch, dtype or _default_dtype(weights, layers))
+    int8_dtype = getattr(torch, dtype or _default_dtype(weights, owned))
     out.mkdir(parents=True, exist_ok=True)
     dtypes: set[str] = set()
     method = _method(config)
@@ -209,7 +209,7 @@ def _dequantize_component(
     # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_component_files(folder, out)
-    _verify(weights, layers, out)
+    _verify(weights, layers, order, out)
     return DequantizedComponent(
         name=name,
         class_name=class_name,
@@ -232,13 +232,12 @@ def _method(config: dict) -> str:
         return "bitsandbytes"
 
 
-def _verify(weights, layers: dict[str, QuantizedLayer], out: Path) -> None:
-    """Re-read the written headers: the source's keys minus every quant-state entry, each weight 2-D and float."""
+def _verify(weights, layers: dict[str, QuantizedLayer], expected: list[str], out: Path) -> None:
+    """Re-read the written headers: the ``expected`` keys (the source's minus every quant-state entry), each
+    dequantized weight 2-D and float, every other tensor as in the source."""
     from qtool.io.reader import scan_component
 
     written = scan_component(out).tensors
-    owned = {k for layer in layers.values() for k in layer.entries.values()} - set(layers)
-    expected = [k for k in weights.tensors if k not in owned]
     if sorted(written) != sorted(expected):
         raise QtoolError(f"verification of {out} failed: the written keys are not the source's minus quant states")
     for key in expected:

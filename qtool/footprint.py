@@ -92,7 +92,8 @@ class ComponentFootprint:
     note: str = ""
 
     def size(self, method: str) -> Size | None:
-        """Its size once the pipeline is quantized with ``method`` (its stored size unless it gets quantized)."""
+        """Its size once the pipeline is quantized with ``method`` (its stored size unless it gets quantized: so
+        for a checkpoint that is already quantized, its actual size whatever ``method`` says)."""
         return self.after.get(method, self.stored) if self.role == "quantize" else self.stored
 
     def to_dict(self, methods: list[str], gpu_memory: int | None, chosen: str) -> dict:
@@ -136,9 +137,8 @@ class Footprint:
             "stored": _opt(self.total()),
             "after": {m: _opt(self.total(m)) for m in self.methods},
         }
-        chosen = self.total(self.method) if self.methods else self.total()
         if self.gpu_memory is not None:
-            total["fit"] = fit(chosen, self.gpu_memory)
+            total["fit"] = fit(self.total(self.method), self.gpu_memory)
         return {
             "source": self.source,
             "kind": self.kind,
@@ -174,21 +174,16 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _UNITS[unit])
 
 
-def methods_for(spec: QuantSpec) -> tuple[list[str], dict[str, QuantSpec]]:
-    """The methods a prediction shows (8-bit, 4-bit, 4-bit + double quant, with the chosen 4-bit code type) and
-    their specs; the chosen spec's label is among them."""
+def methods_for(spec: QuantSpec) -> dict[str, QuantSpec]:
+    """The methods a prediction shows (8-bit, 4-bit, 4-bit + double quant, with the chosen 4-bit code type), by
+    label, in that order; the chosen spec's label is among them."""
     four = replace(spec, bits=4, double_quant=False) if spec.bits == 4 else QuantSpec(skip=spec.skip)
     specs = {
         "int8": QuantSpec(bits=8, skip=spec.skip, threshold=spec.threshold),
         four.label: four,
         replace(four, double_quant=True).label: replace(four, double_quant=True),
     }
-    return list(specs), specs
-
-
-def quant_state_bytes(weights: ComponentWeights) -> int:
-    """Bytes of the quant-state tensors in a bnb checkpoint: absmax, quant_map, nested_*, SCB, weight_format."""
-    return sum(weights.tensors[k].nbytes for k in quant_state_keys(weights.tensors))
+    return specs
 
 
 def _predicted(plan: ComponentPlan, specs: dict[str, QuantSpec]) -> ComponentFootprint:
@@ -231,14 +226,17 @@ def _quantized(name: str, folder: Path, weights: ComponentWeights, config: dict)
     model = build_meta_model(library, class_name, folder)
     tensors = model_tensors(model)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantized = {layer.fqn for layer in quantized_layers(weights.tensors).values()} & linears
+    layers = quantized_layers(weights.tensors)
+    quantized = {layer.fqn for layer in layers.values()} & linears
     memory = memory_bytes(tensors, weights.tensors)
+    # bnb puts the quant states (absmax, quant_map, nested_*, SCB) on the GPU beside the counted parameters.
+    states = sum(weights.tensors[k].nbytes for k in quant_state_keys(layers))
     return ComponentFootprint(
         name=name,
         class_name=class_name,
         role="quantized",
         parameters=sum(t.numel for t in tensors.values() if not t.buffer),
-        stored=Size(weights.total_bytes, memory, memory + quant_state_bytes(weights)),
+        stored=Size(weights.total_bytes, memory, memory + states),
         layers_quantized=len(quantized),
         layers_kept=len(linears - quantized),
         quantization=quantization,
@@ -280,7 +278,7 @@ def footprint(
     spec = spec or QuantSpec()
     source = str(source)
     folder, weights, _ = headers_only(source, revision=revision, token=token)
-    methods, specs = methods_for(spec)
+    specs = methods_for(spec)
     if (folder / "model_index.json").exists():
         kind = "pipeline"
         available = pipeline_components(read_json(folder / "model_index.json"))
@@ -326,7 +324,7 @@ def footprint(
         method = ", ".join(dict.fromkeys(labels))
         methods = []
     else:
-        method = spec.label
+        method, methods = spec.label, list(specs)
     return Footprint(
         source=source,
         kind=kind,

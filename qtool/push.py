@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qtool.api import PROVENANCE
 from qtool.errors import QtoolError
+from qtool.plan import detect_library, read_json
 
 CARD = "README.md"
 
@@ -74,11 +75,10 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
             hint="push publishes what qtool quantize wrote; quantize first",
         )
     base_model = base_model or (provenance.get("source") if provenance.get("source_is_hub_repo") else None)
-    library = provenance.get("library_name") or ("diffusers" if sizes.kind == "pipeline" else None)
-    if library is None:
-        library = "diffusers" if (folder / "config.json").is_file() and "_class_name" in json.loads(
-            (folder / "config.json").read_text()
-        ) else "transformers"  # fmt: skip
+    library = provenance.get("library_name")
+    if library is None:  # a folder qtool did not write: a pipeline is diffusers'; a model says in its config
+        config_path = folder / "config.json"
+        library = "diffusers" if sizes.kind == "pipeline" else detect_library(read_json(config_path), config_path)[0]
     configs = [c.quantization["quantization_config"] for c in sizes.components if c.quantization]
     config = configs[0]
     four = bool(config.get("load_in_4bit") or config.get("_load_in_4bit"))

@@ -144,15 +144,14 @@ def print_footprint(result) -> None:
         row = [c.name or "(model)", c.class_name, _params(c.parameters), layers, _size_cell(c.stored)]
         row += [_size_cell(c.size(m)) for m in result.methods]
         if result.gpu_memory is not None:
-            row.append(_fit_cell(fit(c.size(result.method) if result.methods else c.stored, result.gpu_memory)))
+            row.append(_fit_cell(fit(c.size(result.method), result.gpu_memory)))
         table.add_row(*row)
     if len(result.components) > 1:
         parameters = [c.parameters for c in result.components]
         row = ["total", "", _params(None if None in parameters else sum(parameters)), "", _size_cell(result.total())]
         row += [_size_cell(result.total(m)) for m in result.methods]
         if result.gpu_memory is not None:
-            chosen = result.total(result.method) if result.methods else result.total()
-            row.append(_fit_cell(fit(chosen, result.gpu_memory)))
+            row.append(_fit_cell(fit(result.total(result.method), result.gpu_memory)))
         table.add_row(*row, style="bold")
     console = out_console()
     console.print(table)

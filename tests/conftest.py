@@ -144,23 +144,14 @@ def fake_hub(monkeypatch, tmp_path_factory) -> FakeHub:
     return fake
 
 
-# Methods the pipeline-level tests quantize tiny_flux with: label -> QuantSpec keyword arguments.
-FLUX_METHODS = {
-    "nf4": {},
-    "nf4-dq": {"double_quant": True},
-    "fp4-dq": {"quant_type": "fp4", "double_quant": True},
-    "int8": {"bits": 8},
-}
-
-
 @pytest.fixture(scope="session")
 def flux_outputs(tiny_flux, tmp_path_factory) -> dict[str, Path]:
     """tiny_flux quantized by qtool on the CPU with each of FLUX_METHODS: label -> output folder. Never modify."""
+    from helpers import FLUX_METHODS
     from qtool.api import quantize_checkpoint
-    from qtool.spec import QuantSpec
 
     root = tmp_path_factory.mktemp("flux-outputs")
     return {
-        label: quantize_checkpoint(tiny_flux, spec=QuantSpec(**kwargs), output=root / label, device="cpu").output
-        for label, kwargs in FLUX_METHODS.items()
+        label: quantize_checkpoint(tiny_flux, spec=spec, output=root / label, device="cpu").output
+        for label, spec in FLUX_METHODS.items()
     }

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from qtool.spec import QuantSpec
+
+# The methods the pipeline-level tests quantize the example with (conftest's flux_outputs), by label.
+FLUX_METHODS = {
+    "nf4": QuantSpec(),
+    "nf4-dq": QuantSpec(double_quant=True),
+    "fp4-dq": QuantSpec(quant_type="fp4", double_quant=True),
+    "int8": QuantSpec(bits=8),
+}
+
 # SQNR floors in dB for quantize -> dequantize of N(0, 1) bf16 [128, 512] weights: measured mean - 7 sigma over
 # seeds 0..99 with qtool's reference (CPU, torch 2.13.0+cpu, 2026-11-25). Means: nf4 20.73, nf4+dq 20.72,
 # fp4 18.28, fp4+dq 18.28, nf4 bs32 21.18, nf4 bs4096 19.18, int8 42.59 (sigma 0.03-0.10).

@@ -17,13 +17,12 @@ import torch
 from bnb_loading import read_all
 from typer.testing import CliRunner
 
-from helpers import assert_equal
+from helpers import FLUX_METHODS, SQNR_FLOOR_DB, assert_equal
 from qtool.cli.app import app
 from qtool.dequant import dequantize_checkpoint
 from qtool.errors import QtoolError
 from qtool.formats.layers import quantized_layers
 from qtool.quantize import dequantize_tensor, quantize_tensor
-from qtool.spec import QuantSpec
 
 QUANTIZED = ("text_encoder_2", "transformer")
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -93,19 +92,14 @@ def test_values_equal_bnb_dequantization(flux_outputs, tmp_path, label, dtype):
     assert {d for c in result.components for d in c.dtypes} == {str(TORCH_DTYPES[dtype or "bf16"])[6:]}
 
 
-# The round trip's SQNR (dB) over the example's layers, measured on the CPU: (min, mean) per method. It is exactly
-# the codec's own error (asserted bit for bit below); these floors are the measured minima less 1 dB, so a change
-# in a codec's rounding shows up here too.
-SQNR_FLOOR = {"nf4": 19.6, "nf4-dq": 19.6, "fp4-dq": 17.1, "int8": 42.2}
-
-
 @pytest.mark.parametrize("label", ["nf4", "nf4-dq", "fp4-dq", "int8"])
 def test_quantize_then_dequantize_has_exactly_the_codec_error(tiny_flux, flux_outputs, tmp_path, label):
     """Each dequantized weight is exactly dequantize(quantize(source weight)), so its error is the codec's; its
-    SQNR against the source is above the method's floor."""
+    SQNR against the source is above the codec's floor for N(0, 1) weights (helpers.SQNR_FLOOR_DB). The example's
+    weights are fixed (seeded), so this is deterministic: measured minima 20.64 dB (NF4), 18.15 dB (FP4-DQ, the
+    T5 encoder; floor 18.07) and 43.29 dB (int8)."""
     dequantize_checkpoint(flux_outputs[label], output=tmp_path / "out", device="cpu")
-    spec = QuantSpec(**{"nf4": {}, "nf4-dq": {"double_quant": True},
-                        "fp4-dq": {"quant_type": "fp4", "double_quant": True}, "int8": {"bits": 8}}[label])  # fmt: skip
+    spec = FLUX_METHODS[label]
     sqnrs = []
     for name in QUANTIZED:
         source, back = read_all(tiny_flux / name), read_all(tmp_path / "out" / name)
@@ -119,7 +113,8 @@ def test_quantize_then_dequantize_has_exactly_the_codec_error(tiny_flux, flux_ou
             assert_equal(back[key], codec, key)
             error = (w.float() - back[key].float()).pow(2).sum()
             sqnrs.append(10 * math.log10(w.float().pow(2).sum() / error))
-    assert min(sqnrs) >= SQNR_FLOOR[label], (min(sqnrs), sum(sqnrs) / len(sqnrs))
+    floor = SQNR_FLOOR_DB["int8", False, 0] if spec.bits == 8 else SQNR_FLOOR_DB[spec.quant_type, spec.double_quant, 64]
+    assert min(sqnrs) >= floor, (min(sqnrs), sum(sqnrs) / len(sqnrs))
 
 
 @pytest.mark.parametrize("label", ["nf4-dq", "int8"])

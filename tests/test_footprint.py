@@ -15,6 +15,7 @@ import pytest
 from bnb_loading import load
 from typer.testing import CliRunner
 
+from helpers import FLUX_METHODS
 from qtool.cli.app import app
 from qtool.errors import QtoolError
 from qtool.footprint import footprint, parse_size
@@ -22,32 +23,20 @@ from qtool.io.reader import scan_component
 from qtool.spec import QuantSpec
 
 LOADERS = {"transformer": "diffusers", "text_encoder_2": "transformers"}
-SPECS = {
-    "nf4": QuantSpec(),
-    "nf4-dq": QuantSpec(double_quant=True),
-    "fp4-dq": QuantSpec(quant_type="fp4", double_quant=True),
-    "int8": QuantSpec(bits=8),
-}
-
-
-@pytest.fixture(scope="module")
-def outputs(flux_outputs):
-    assert set(flux_outputs) == set(SPECS)
-    return flux_outputs
 
 
 @pytest.mark.bnb
-@pytest.mark.parametrize("label", SPECS)
-def test_prediction_equals_the_real_sizes(tiny_flux, outputs, label):
+@pytest.mark.parametrize("label", FLUX_METHODS)
+def test_prediction_equals_the_real_sizes(tiny_flux, flux_outputs, label):
     """Per component, the predicted disk bytes are the written tensor bytes (to within the length of the
     double-quant offset's repr, a few bytes per layer: far inside 0.5%) and the predicted memory is exactly what
     get_memory_footprint() of the output loaded with bnb reports; the kept components are as stored."""
-    spec = SPECS[label]
+    spec = FLUX_METHODS[label]
     predicted = footprint(tiny_flux, spec=spec)
     assert predicted.method == label and not predicted.quantized
     assert predicted.methods == (["int8", "fp4", "fp4-dq"] if spec.quant_type == "fp4" else ["int8", "nf4", "nf4-dq"])
     for c in predicted.components:
-        folder = outputs[label] / c.name
+        folder = flux_outputs[label] / c.name
         real_disk = scan_component(folder).total_bytes
         if c.role == "kept":
             assert c.stored.disk_bytes == real_disk and c.size(label) == c.stored
@@ -59,33 +48,33 @@ def test_prediction_equals_the_real_sizes(tiny_flux, outputs, label):
         assert size.memory_bytes == model.get_memory_footprint(), c.name
         assert size.memory_bytes < size.gpu_bytes <= size.disk_bytes + slack
     total = predicted.total(label)
-    assert abs(total.disk_bytes - sum(scan_component(outputs[label] / c.name).total_bytes
+    assert abs(total.disk_bytes - sum(scan_component(flux_outputs[label] / c.name).total_bytes
                                       for c in predicted.components)) <= 0.005 * total.disk_bytes  # fmt: skip
 
 
 @pytest.mark.bnb
 @pytest.mark.parametrize("label", ["nf4-dq", "int8"])
-def test_a_quantized_checkpoint_shows_its_actual_sizes_and_settings(outputs, label):
+def test_a_quantized_checkpoint_shows_its_actual_sizes_and_settings(flux_outputs, label):
     """On a quantized pipeline: its settings from config.json, its tensor bytes, and get_memory_footprint() exactly."""
-    actual = footprint(outputs[label])
+    actual = footprint(flux_outputs[label])
     assert actual.quantized and actual.method == label and actual.methods == []
     roles = {c.name: c.role for c in actual.components}
     assert roles == {"text_encoder": "kept", "text_encoder_2": "quantized", "transformer": "quantized", "vae": "kept"}
     for c in actual.components:
-        folder = outputs[label] / c.name
+        folder = flux_outputs[label] / c.name
         assert c.stored.disk_bytes == scan_component(folder).total_bytes
         if c.role == "quantized":
             assert c.quantization["method"] == label
-            assert c.quantization["quantization_config"] == SPECS[label].quantization_config()
+            assert c.quantization["quantization_config"] == FLUX_METHODS[label].quantization_config()
             model = load(folder, LOADERS[c.name], c.class_name)
             assert c.stored.memory_bytes == model.get_memory_footprint()
 
 
-def test_the_quantized_checkpoint_agrees_with_the_prediction(tiny_flux, outputs):
+def test_the_quantized_checkpoint_agrees_with_the_prediction(tiny_flux, flux_outputs):
     """The actual memory of each output equals the prediction for its method; parameters are the source's."""
-    for label, spec in SPECS.items():
+    for label, spec in FLUX_METHODS.items():
         predicted = {c.name: c for c in footprint(tiny_flux, spec=spec).components}
-        for c in footprint(outputs[label]).components:
+        for c in footprint(flux_outputs[label]).components:
             p = predicted[c.name]
             assert c.parameters == p.parameters, c.name
             assert c.stored.memory_bytes == p.size(label).memory_bytes, (label, c.name)
@@ -136,11 +125,11 @@ def test_a_hub_repo_is_read_from_json_and_headers_only(fake_hub, tiny_flux, tmp_
     assert all(kwargs.get("revision") == "v1" for _, _, kwargs in fake_hub.calls)
 
 
-def test_refusals(tiny_flux, outputs):
+def test_refusals(tiny_flux, flux_outputs):
     with pytest.raises(QtoolError, match="no component 'unet'"):
         footprint(tiny_flux, components=["unet"])
     with pytest.raises(QtoolError, match="already quantized"):
-        footprint(outputs["nf4"], components=["transformer"])
+        footprint(flux_outputs["nf4"], components=["transformer"])
     with pytest.raises(QtoolError, match="applies to pipelines"):
         footprint(tiny_flux / "transformer", components=["transformer"])
     with pytest.raises(QtoolError, match="--skip nope matches no Linear"):

@@ -44,6 +44,6 @@ def quantized_layers(keys) -> dict[str, QuantizedLayer]:
     return layers
 
 
-def quant_state_keys(keys) -> set[str]:
-    """The keys that belong to quantized layers but are not their ``weight``: absmax, quant_map, SCB, blobs, ..."""
-    return {k for layer in quantized_layers(keys).values() for k in layer.entries.values() if k != layer.weight_key}
+def quant_state_keys(layers: dict[str, QuantizedLayer]) -> set[str]:
+    """The keys of ``layers`` (from quantized_layers) that are not their ``weight``: absmax, quant_map, SCB, blobs."""
+    return {k for layer in layers.values() for k in layer.entries.values() if k != layer.weight_key}
