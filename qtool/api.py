@@ -254,6 +254,11 @@ def copy_component_files(folder: Path, out: Path) -> None:
         _copy_entry(entry, out / name)
 
 
+def _where(plan: ComponentPlan, key: str) -> str:
+    """A tensor's name in messages: ``transformer/<key>`` in a pipeline, the key alone in a model."""
+    return f"{plan.name}/{key}" if plan.name else key
+
+
 def _sqnr_db(weight, restored) -> float | None:
     w = weight.float()
     signal = w.pow(2).sum().item()
@@ -264,14 +269,16 @@ def _sqnr_db(weight, restored) -> float | None:
 
 
 def _quantize_component(
-    plan: ComponentPlan, spec: QuantSpec, out: Path, device: str, progress: Progress
+    plan: ComponentPlan, spec: QuantSpec, out: Path, device: str, progress: Progress, allow_nonfinite: bool = False
 ) -> ComponentResult:
-    """Stream one component: read a tensor, quantize it if planned, hand it to the writer, forget it."""
+    """Stream one component: read a tensor, quantize it if planned, check it, hand it to the writer, forget it.
+    Before returning, the written files are verified (``qtool.verify.verify_component``)."""
     import torch
 
     from qtool.io.reader import TensorReader
     from qtool.io.writer import ShardedWriter
-    from qtool.quantize import dequantize_tensor, quantize_tensor
+    from qtool.quantize import quantize_tensor
+    from qtool.verify import check_finite, check_layer, verify_component
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -299,13 +306,15 @@ def _quantize_component(
                 progress.advance(plan.weights.tensors[key].nbytes)
                 continue
             weight = tensor.to(device)
+            if not allow_nonfinite:
+                check_finite(weight, _where(plan, key), spec.bits)
             if spec.bits == 8:
                 entries = quantize_tensor(weight, bits=8)
             else:
                 entries = quantize_tensor(
                     weight, quant_type=spec.quant_type, double_quant=spec.double_quant, blocksize=spec.blocksize
                 )
-            sqnr = _sqnr_db(weight, dequantize_tensor(entries, dtype=torch.float32))
+            sqnr = _sqnr_db(weight, check_layer(weight, entries, _where(plan, key)))
             if sqnr is not None:
                 sqnrs.append(sqnr)
             group = {f"{layer.fqn}.{name}": value.cpu() for name, value in entries.items()}
@@ -318,6 +327,7 @@ def _quantize_component(
             del weight, entries, group, tensor
         files = writer.close()
         bytes_after = writer.total_size
+        verify_component(plan, spec, out, reader, device)
     progress.finish()
     config = dict(plan.config)
     config["quantization_config"] = spec.quantization_config()
@@ -335,40 +345,6 @@ def _quantize_component(
     )
 
 
-def expected_keys(plan: ComponentPlan, spec: QuantSpec) -> dict[str, str]:
-    """Every output key and its safetensors dtype tag (the blob's exact length is not known before quantizing)."""
-    keys = {}
-    for key, info in plan.weights.tensors.items():
-        layer = plan.layers.get(key)
-        if layer is None:
-            keys[key] = info.dtype
-            continue
-        if spec.bits == 8:
-            keys.update({key: "I8", f"{layer.fqn}.SCB": "F32", f"{layer.fqn}.weight_format": "U8"})
-            continue
-        keys[key] = "U8"
-        keys[f"{key}.absmax"] = "U8" if spec.double_quant else "F32"
-        keys[f"{key}.quant_map"] = "F32"
-        if spec.double_quant:
-            keys[f"{key}.nested_absmax"] = "F32"
-            keys[f"{key}.nested_quant_map"] = "F32"
-        keys[f"{key}.quant_state.bitsandbytes__{spec.quant_type}"] = "U8"
-    return keys
-
-
-def verify_component(plan: ComponentPlan, spec: QuantSpec, out: Path) -> None:
-    """Re-read the written headers: the key set and dtypes must be exactly the plan's."""
-    from qtool.io.reader import scan_component
-
-    written = {k: t.dtype for k, t in scan_component(out).tensors.items()}
-    expected = expected_keys(plan, spec)
-    if written != expected:
-        missing = sorted(set(expected) - set(written))[:3]
-        extra = sorted(set(written) - set(expected))[:3]
-        wrong = sorted(k for k in set(expected) & set(written) if expected[k] != written[k])[:3]
-        raise QtoolError(f"verification of {out} failed: missing {missing}, unexpected {extra}, wrong dtype {wrong}")
-
-
 def quantize_checkpoint(
     source: str | os.PathLike,
     *,
@@ -380,6 +356,7 @@ def quantize_checkpoint(
     device: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize a local folder or Hub repo (a diffusers pipeline or one model) into a bitsandbytes checkpoint.
@@ -393,6 +370,8 @@ def quantize_checkpoint(
         device: "cuda" (Triton kernels) or "cpu" (PyTorch reference); default: cuda when available.
         dry_run: plan only: read configs and safetensors headers, download and write nothing.
         overwrite: replace an existing output folder.
+        allow_nonfinite: quantize weights holding NaN or Inf (or, for 8-bit, values beyond float16's range) as
+            bitsandbytes would, instead of refusing them (a QtoolError naming the tensor).
         progress: receives progress events (bytes read per component).
 
     Returns:
@@ -437,7 +416,7 @@ def quantize_checkpoint(
         return result
 
     with atomic_output(out, overwrite) as tmp:
-        _write(plan, spec, folder, tmp, device, progress, result)
+        _write(plan, spec, folder, tmp, device, progress, result, allow_nonfinite)
         provenance = _provenance(source, folder, local_folder is None, revision, plan, spec)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     result.seconds = time.perf_counter() - started
@@ -469,11 +448,12 @@ def _provenance(source: str, folder: Path, from_hub: bool, revision: str | None,
     }
 
 
-def _write(plan: Plan, spec: QuantSpec, folder: Path, tmp: Path, device: str, progress, result) -> None:
+def _write(
+    plan: Plan, spec: QuantSpec, folder: Path, tmp: Path, device: str, progress, result, allow_nonfinite: bool
+) -> None:
     for component in plan.components:
         target = tmp / component.name if component.name else tmp
-        result.components.append(_quantize_component(component, spec, target, device, progress))
-        verify_component(component, spec, target)
+        result.components.append(_quantize_component(component, spec, target, device, progress, allow_nonfinite))
     for name in result.copied:
         _copy_entry(folder / name, tmp / name)
 

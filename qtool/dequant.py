@@ -149,13 +149,14 @@ def _default_dtype(weights, owned: set[str]) -> str:
 
 
 def _dequantize_component(
-    folder: Path, out: Path, name: str, dtype: str | None, device: str, progress: Progress
+    folder: Path, out: Path, name: str, dtype: str | None, device: str, progress: Progress, allow_nonfinite: bool
 ) -> DequantizedComponent:
     import torch
 
     from qtool.io.reader import TensorReader, scan_component
     from qtool.io.writer import ShardedWriter
     from qtool.quantize import dequantize_tensor
+    from qtool.verify import check_dequantized_finite, verify_dequantized
 
     start = time.perf_counter()
     config = read_json(folder / "config.json")
@@ -173,6 +174,10 @@ def _dequantize_component(
     owned = quant_state_keys(layers)
     order = [k for k in weights.tensors if k not in owned]
     int8_dtype = getattr(torch, dtype or _default_dtype(weights, owned))
+
+    def target(layer: QuantizedLayer) -> torch.dtype | None:
+        return getattr(torch, dtype) if dtype else (int8_dtype if layer.bits == 8 else None)
+
     out.mkdir(parents=True, exist_ok=True)
     dtypes: set[str] = set()
     method = _method(config)
@@ -193,23 +198,24 @@ def _dequantize_component(
                 continue
             entries = {n: tensor if k == key else reader.read(k) for n, k in layer.entries.items()}
             entries = {n: t.to(device) for n, t in entries.items()}
-            target = getattr(torch, dtype) if dtype else (int8_dtype if layer.bits == 8 else None)
             try:
-                dense = dequantize_tensor(entries, dtype=target)
+                dense = dequantize_tensor(entries, dtype=target(layer))
             except ValueError as exc:
                 raise QtoolError(f"{folder}: cannot dequantize {layer.fqn}: {exc}") from exc
+            if not allow_nonfinite:
+                check_dequantized_finite(dense, f"{name}/{key}" if name else key)
             dtypes.add(str(dense.dtype).removeprefix("torch."))
             writer.add_group({key: dense.cpu()})
             progress.advance(sum(weights.tensors[k].nbytes for k in layer.entries.values()))
             del entries, dense, tensor
         files = writer.close()
         bytes_after = writer.total_size
+        verify_dequantized(weights, layers, out, reader, device, target)
     progress.finish()
     config.pop("quantization_config")
     # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_component_files(folder, out)
-    _verify(weights, layers, order, out)
     return DequantizedComponent(
         name=name,
         class_name=class_name,
@@ -232,23 +238,6 @@ def _method(config: dict) -> str:
         return "bitsandbytes"
 
 
-def _verify(weights, layers: dict[str, QuantizedLayer], expected: list[str], out: Path) -> None:
-    """Re-read the written headers: the ``expected`` keys (the source's minus every quant-state entry), each
-    dequantized weight 2-D and float, every other tensor as in the source."""
-    from qtool.io.reader import scan_component
-
-    written = scan_component(out).tensors
-    if sorted(written) != sorted(expected):
-        raise QtoolError(f"verification of {out} failed: the written keys are not the source's minus quant states")
-    for key in expected:
-        info, source = written[key], weights.tensors[key]
-        if key in layers:
-            if info.dtype not in ("BF16", "F16", "F32") or len(info.shape) != 2:
-                raise QtoolError(f"verification of {out} failed: {key} is {info.dtype} {list(info.shape)}")
-        elif (info.dtype, info.shape) != (source.dtype, source.shape):
-            raise QtoolError(f"verification of {out} failed: {key} changed from {source.dtype} to {info.dtype}")
-
-
 def dequantize_checkpoint(
     source: str | os.PathLike,
     *,
@@ -259,6 +248,7 @@ def dequantize_checkpoint(
     token: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> DequantizeResult:
     """Write a bitsandbytes checkpoint (local folder or Hub repo; a pipeline or one model) back as a plain one.
@@ -273,6 +263,8 @@ def dequantize_checkpoint(
         revision, token: for Hub sources.
         device: "cuda" (Triton kernels) or "cpu" (PyTorch reference); default: cuda when available.
         overwrite: replace an existing output folder.
+        allow_nonfinite: write layers that dequantize to NaN or Inf (non-finite stored scales) instead of refusing
+            them (a QtoolError naming the layer).
         progress: receives progress events (bytes read per component).
     """
     from qtool import hub
@@ -296,7 +288,9 @@ def dequantize_checkpoint(
         for name in chosen:
             target = tmp / name if name else tmp
             result.components.append(
-                _dequantize_component(folder / name, target, name, DTYPES.get(dtype or ""), device, progress)
+                _dequantize_component(
+                    folder / name, target, name, DTYPES.get(dtype or ""), device, progress, allow_nonfinite
+                )
             )
         for name in copied:
             _copy_entry(folder / name, tmp / name)

@@ -104,6 +104,21 @@ def quantize_tensor(
     return bnb4.encode(packed, state)
 
 
+def stored_absmax(state: bnb4.QuantState4bit, *, backend: Backend = "auto") -> torch.Tensor:
+    """The absmax a 4-bit weight dequantizes with: ``state.absmax`` itself, or rebuilt from its double-quant codes
+    (float32 [nblocks] either way; the dtype is kept as stored without double quant)."""
+    if not state.double_quant:
+        return state.absmax
+    ops = _ops(resolve_backend(backend, state.absmax.device))
+    return ops["dequantize_absmax"](
+        state.absmax,
+        state.nested_absmax,
+        state.nested_quant_map,
+        state.nested_offset,
+        nested_blocksize=state.nested_blocksize,
+    )
+
+
 def dequantize_tensor(
     entries: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None, backend: Backend = "auto"
 ) -> torch.Tensor:
@@ -121,18 +136,9 @@ def dequantize_tensor(
     if bnb4.is_4bit(entries):
         packed, state = bnb4.decode(entries)
         ops = _ops(resolve_backend(backend, packed.device))
-        absmax = state.absmax
-        if state.double_quant:
-            absmax = ops["dequantize_absmax"](
-                absmax,
-                state.nested_absmax,
-                state.nested_quant_map,
-                state.nested_offset,
-                nested_blocksize=state.nested_blocksize,
-            )
         return ops["dequantize_4bit"](
             packed,
-            absmax,
+            stored_absmax(state, backend=backend),
             state.quant_map,
             blocksize=state.blocksize,
             shape=state.shape,
@@ -145,4 +151,4 @@ def dequantize_tensor(
     raise ValueError(f"not a bitsandbytes 4-bit or 8-bit layer: entries {sorted(entries)}")
 
 
-__all__ = ["quantize_tensor", "dequantize_tensor"]
+__all__ = ["quantize_tensor", "dequantize_tensor", "stored_absmax"]

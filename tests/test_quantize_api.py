@@ -18,6 +18,7 @@ import torch
 
 from qtool import api
 from qtool.errors import QtoolError
+from qtool.plan import plan_folder
 from qtool.spec import QuantSpec
 
 REPO = "acme/tiny-flux"
@@ -270,23 +271,32 @@ def test_the_default_output_is_beside_a_source_that_holds_the_current_folder(mod
 
 
 def test_every_tensor_is_prefetched_before_it_is_read(model_copy, tmp_path, monkeypatch):
-    """The disk is asked for each tensor (but the first) before it is needed, so reads overlap quantization."""
+    """The disk is asked for each tensor (but the first) before it is needed, so reads overlap quantization; after
+    the pass, verification reads back a sample of 3 of the 12 quantized weights (first, middle, last)."""
     from qtool.io.reader import TensorReader
 
     events = []
     read, prefetch = TensorReader.read, TensorReader.prefetch
+
+    def record(kind, self, key):
+        if self.component.folder == model_copy:  # the source, not the written files that verification reads
+            events.append((kind, key))
+
     monkeypatch.setattr(
-        TensorReader, "read", lambda self, key, **kw: events.append(("read", key)) or read(self, key, **kw)
+        TensorReader, "read", lambda self, key, **kw: record("read", self, key) or read(self, key, **kw)
     )
     monkeypatch.setattr(
-        TensorReader, "prefetch", lambda self, key: events.append(("prefetch", key)) or prefetch(self, key)
+        TensorReader, "prefetch", lambda self, key: record("prefetch", self, key) or prefetch(self, key)
     )
     api.quantize_checkpoint(model_copy, output=tmp_path / "out", device="cpu")
     reads = [key for kind, key in events if kind == "read"]
+    streamed, verified = reads[:-3], reads[-3:]
     prefetched = [key for kind, key in events if kind == "prefetch"]
-    assert sorted(set(reads)) == sorted(reads) and len(reads) == 21  # every tensor of the T5 encoder, once
+    assert sorted(set(streamed)) == sorted(streamed) and len(streamed) == 21  # every tensor of the T5 encoder, once
     assert all(events.index(("prefetch", key)) < events.index(("read", key)) for key in prefetched)
-    assert set(reads) - set(prefetched) == {reads[0]}
+    assert set(streamed) - set(prefetched) == {streamed[0]}
+    layers = list(plan_folder(model_copy, QuantSpec()).components[0].layers)
+    assert verified == [layers[0], layers[6], layers[11]]
 
 
 # What a run copies

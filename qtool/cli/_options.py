@@ -65,6 +65,14 @@ DeviceOpt = Annotated[
     typer.Option("--device", help="cuda (Triton kernels) or cpu (PyTorch reference). Default: cuda if present."),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the output folder if it exists.")]
+AllowNonfiniteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-nonfinite",
+        help="Write weights holding NaN or Inf (or, for 8-bit, values beyond float16's range) as bitsandbytes "
+        "would, instead of stopping with an error that names the tensor.",
+    ),
+]
 
 
 def check_method_flags(bits: int, nf4: bool, fp4: bool, double_quant: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from qtool.cli._options import (
+    AllowNonfiniteOpt,
     DeviceOpt,
     JsonOpt,
     OverwriteOpt,
@@ -68,6 +69,7 @@ def dequantize(
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     overwrite: OverwriteOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
     """Turn a bitsandbytes 4-bit / 8-bit checkpoint back into a plain one that loads without bitsandbytes.
 
@@ -88,6 +90,7 @@ def dequantize(
         token=token,
         device=device.value if device else None,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
         progress=ui.RichProgress(enabled=not (quiet or json_output)),
     )
     if json_output:

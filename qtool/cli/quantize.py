@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from qtool.cli._options import (
+    AllowNonfiniteOpt,
     BitsOpt,
     ComponentsOpt,
     DeviceOpt,
@@ -88,6 +89,7 @@ def quantize(
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     overwrite: OverwriteOpt = False,
+    allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
     """Quantize a diffusers pipeline or a model to bitsandbytes 4-bit / 8-bit, loadable with no extra arguments."""
     check_method_flags(bits, nf4, fp4, double_quant)
@@ -123,6 +125,7 @@ def quantize(
         device=device.value if device else None,
         dry_run=dry_run,
         overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
         progress=ui.RichProgress(enabled=not (quiet or json_output)),
     )
     pushed = None

@@ -50,7 +50,7 @@ def test_defaults_are_nf4_bf16_and_auto_device():
     assert kwargs["spec"].quantization_config()["bnb_4bit_compute_dtype"] == "bfloat16"
     assert kwargs | {"spec": None, "progress": None} == {
         "spec": None, "components": None, "output": None, "revision": None, "token": None, "device": None,
-        "dry_run": False, "overwrite": False, "progress": None,
+        "dry_run": False, "overwrite": False, "allow_nonfinite": False, "progress": None,
     }  # fmt: skip
 
 
@@ -60,14 +60,14 @@ def test_every_flag_reaches_the_api():
         "./flux", "--bits", "4", "--fp4", "--double-quant", "--blocksize", "128", "--compute-dtype", "fp16",
         "--components", "transformer, text_encoder_2", "--skip", "proj_out", "--skip", "x_embedder",
         "--threshold", "5.5", "--output", "out", "--revision", "v1", "--token", "hf_x", "--device", "cpu",
-        "--dry-run", "--overwrite",
+        "--dry-run", "--overwrite", "--allow-nonfinite",
     )  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     kwargs = api.call_args.kwargs
     assert kwargs["spec"] == QuantSpec(4, "fp4", True, 128, "fp16", ("proj_out", "x_embedder"), 5.5)
     assert kwargs["components"] == ["transformer", "text_encoder_2"]
     assert (kwargs["output"], kwargs["revision"], kwargs["token"], kwargs["device"]) == ("out", "v1", "hf_x", "cpu")
-    assert kwargs["dry_run"] and kwargs["overwrite"]
+    assert kwargs["dry_run"] and kwargs["overwrite"] and kwargs["allow_nonfinite"]
 
 
 def test_summary_table_and_json_and_quiet():
