@@ -176,21 +176,66 @@ def resolve_device(device: str | None) -> str:
 @contextmanager
 def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``out`` to build the output in, renamed to ``out`` when the block succeeds and
-    removed when it fails (Ctrl-C included); a full disk becomes a QtoolError."""
-    tmp = out.resolve().parent / f".{out.name}.qtool-tmp-{os.getpid()}"
+    removed when it fails (Ctrl-C, SIGTERM and SIGHUP included); a full disk becomes a QtoolError.
+
+    Temporary folders of earlier runs that were killed outright (SIGKILL, power loss) are cleaned up first
+    (``_clean_stale``). The renames and the clean-up run to their end even if a signal arrives meanwhile."""
+    from qtool.interrupts import deferred
+
+    parent = out.resolve().parent
+    _clean_stale(parent, out.name)
+    tmp = parent / f".{out.name}.qtool-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         yield tmp
-        _replace(tmp, out, overwrite)
+        with deferred():
+            _replace(tmp, out, overwrite)
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with deferred():
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise QtoolError(
                 f"no space left on the device while writing {out}",
                 hint="free some space, or choose an --output on a larger disk",
             ) from exc
+        if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+            raise QtoolError(
+                f"a file grew past the file-size limit while writing {out} (`ulimit -f`, or the filesystem's own)",
+                hint="raise the limit (ulimit -f unlimited), or choose an --output on a filesystem without one",
+            ) from exc
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove what runs killed outright left beside ``name``: temporary folders of dead processes. An old output
+    that a killed run had moved aside (``.<name>.qtool-old-<pid>``) is moved back if nothing replaced it."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.qtool-(tmp|old)-(\d+)$")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or _pid_alive(int(match[2])):
+            continue
+        target = parent / name
+        if match[1] == "old" and not (target.exists() or target.is_symlink()):
+            os.replace(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def peak_rss_bytes() -> int:
@@ -199,7 +244,9 @@ def peak_rss_bytes() -> int:
 
 
 def _check_output(output: Path, inputs: Path | None, overwrite: bool) -> None:
-    """Refuse, before any work, an output that exists (without overwrite), sits inside the input, or can't be made."""
+    """Refuse, before any work, an output that exists (without overwrite), sits inside the input, or can't be made.
+    Left-overs of killed runs are cleaned up first, so that an old output they had moved aside counts as existing."""
+    _clean_stale(output.resolve().parent, output.name)
     if inputs is not None:
         src, dst = inputs.resolve(), output.resolve()
         if dst == src or src in dst.parents or dst in src.parents:
@@ -213,8 +260,16 @@ def _check_output(output: Path, inputs: Path | None, overwrite: bool) -> None:
         raise QtoolError(
             f"the output's parent folder {parent} does not exist", hint="create it first, or choose another --output"
         )
-    if not os.access(parent, os.W_OK):
-        raise QtoolError(f"cannot write to {parent}", hint="choose an --output in a folder you can write to")
+    # Create and remove a folder there, rather than ask os.access: root passes every permission check, yet may not
+    # write to a read-only mount.
+    probe = parent / f".{output.name}.qtool-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise QtoolError(
+            f"cannot write to {parent} ({e.strerror or e})", hint="choose an --output in a folder you can write to"
+        ) from e
 
 
 def _copied_entries(folder: Path, names: list[str]) -> list[str]:

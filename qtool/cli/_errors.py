@@ -13,6 +13,7 @@ from typing import TypeVar
 import typer
 
 from qtool.errors import QtoolError
+from qtool.interrupts import Interrupted, handle_signals
 
 F = TypeVar("F", bound=Callable)
 
@@ -24,19 +25,23 @@ def report(exc: QtoolError) -> None:
 
 
 def cli_errors(command: F) -> F:
-    """Decorate a command so that a QtoolError (or Ctrl-C) ends it with a one-line message, not a traceback."""
+    """Decorate a command so that a QtoolError, Ctrl-C, SIGTERM or SIGHUP ends it with a one-line message, not a
+    traceback (exit codes 1, 130, 143, 129)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with handle_signals():
+                return command(*args, **kwargs)
         except QtoolError as exc:
             if os.environ.get("QTOOL_DEBUG") == "1":
                 raise
             report(exc)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: nothing was written", err=True)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            # An output is renamed into place whole or not at all, so either is true of an interrupted run.
+            name = exc.args[0] if isinstance(exc, Interrupted) else "SIGINT"
+            typer.echo(f"interrupted ({name}): nothing half-written was left behind", err=True)
+            raise typer.Exit(exc.exit_code if isinstance(exc, Interrupted) else 130) from None
 
     return wrapper  # type: ignore[return-value]
