@@ -206,23 +206,40 @@ def transformers_keeps(fqn: str, patterns: list[str]) -> bool:
     return False
 
 
+def _unknown_class(library: str, version: str, class_name: str, names: list[str], folder: Path, config: dict):
+    """The error for a config naming a class the installed library lacks, with the nearest names it has."""
+    import difflib
+
+    close = difflib.get_close_matches(class_name, names, n=3)
+    if config.get("auto_map"):
+        hint = "its config.json asks for the model's own code (auto_map); qtool never runs code from a checkpoint"
+    elif close:
+        hint = f"did you mean {', '.join(close)}? Or upgrade {library} (pip install -U {library})"
+    else:
+        hint = f"upgrade {library} (pip install -U {library}), or check the class name in config.json"
+    return QtoolError(f"{library} {version} has no model class {class_name!r} ({folder / 'config.json'})", hint=hint)
+
+
 def build_meta_model(library: str, class_name: str, folder: Path):
     """The model class instantiated on the meta device from the folder's config: structure only, no memory."""
     import torch
 
+    config = read_json(folder / "config.json")
     if library == "diffusers":
         import diffusers
 
         cls = getattr(diffusers, class_name, None)
-        if cls is None:
-            raise QtoolError(f"diffusers {diffusers.__version__} has no model class {class_name!r} ({folder})")
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            names = [n for n in dir(diffusers) if n[:1].isupper()]
+            raise _unknown_class(library, diffusers.__version__, class_name, names, folder, config)
         with torch.device("meta"):
             return cls.from_config(cls.load_config(folder))
     import transformers
 
     cls = getattr(transformers, class_name, None)
-    if cls is None:
-        raise QtoolError(f"transformers {transformers.__version__} has no model class {class_name!r} ({folder})")
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        names = [n for n in dir(transformers) if n[:1].isupper()]
+        raise _unknown_class(library, transformers.__version__, class_name, names, folder, config)
     config = transformers.AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         return cls(config)
@@ -341,10 +358,18 @@ def check_skips(plans: list[ComponentPlan], spec: QuantSpec) -> None:
 
 
 def check_linear_weight(info: TensorInfo, shape: tuple[int, int]) -> None:
+    """A Linear's stored weight must be a float tensor of the shape its module expects, as from_pretrained checks."""
     if info.dtype not in FLOAT_TAGS:
-        raise QtoolError(f"{info.key} is {info.dtype}; qtool quantizes float32, float16 and bfloat16 weights")
+        raise QtoolError(
+            f"{info.key} ({info.file}) is {info.dtype}; qtool quantizes float32, float16 and bfloat16 weights",
+            hint="an integer or float8 Linear weight means the checkpoint is already quantized some other way; "
+            "point qtool at the original float checkpoint",
+        )
     if tuple(info.shape) != shape:
-        raise QtoolError(f"{info.key} has shape {list(info.shape)} but its Linear expects {list(shape)}")
+        raise QtoolError(
+            f"{info.key} ({info.file}) has shape {list(info.shape)} but its Linear expects {list(shape)}",
+            hint="the weights do not belong to the model config.json describes",
+        )
 
 
 def pipeline_components(model_index: dict) -> dict[str, tuple[str, str]]:
