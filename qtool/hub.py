@@ -106,6 +106,10 @@ def list_files(source: str, *, revision: str | None = None, token: str | None = 
 
     Offline, a repo's listing comes from the cache when the repo was downloaded at that revision before. For a
     local folder, ``.git/`` and ``.cache/huggingface/`` are left out and ``revision`` and ``token`` are unused.
+
+    The repo's info comes first: one request, which fails at once without a network (huggingface_hub retries a
+    tree listing 5 times over about 25 s, with a warning on stderr each time); the tree is then listed at the
+    commit that the info names.
     """
     resolved = _resolve(source)
     if isinstance(resolved, Path):
@@ -114,7 +118,8 @@ def list_files(source: str, *, revision: str | None = None, token: str | None = 
 
     with _hub_errors(resolved, token=token, revision=revision):
         try:
-            files = hf.list_repo_files(repo_id=resolved, revision=revision, token=token)
+            commit = hf.repo_info(repo_id=resolved, revision=revision, token=token).sha
+            files = hf.list_repo_files(repo_id=resolved, revision=commit or revision, token=token)
         except _connection_errors():
             files = _cached_listing(resolved, revision)
             if files is None:
@@ -401,14 +406,22 @@ def _map_error(exc: Exception, repo_id: str, revision: str | None, filename: str
     url = _repo_url(repo_id)
     rev = revision or "main"
     if isinstance(exc, errors.GatedRepoError):
+        if _status(exc) == 401:  # the Hub's answer to a request without a token
+            return QtoolError(
+                f"{url} is a gated repository and no token was sent",
+                hint=f"accept the license at {url}, then {_LOGIN}",
+            )
         return QtoolError(
             f"{url} is a gated repository and the token has no access to it",
-            hint=f"accept the license at {url} and {_LOGIN}",
+            hint=f"accept the license at {url} with the token's account (approval may be pending), or pass "
+            "--token with a token that has access",
         )
     if isinstance(exc, errors.RepositoryNotFoundError):
+        # The Hub answers 401 without a token, 404 with one that cannot see the repo.
+        private = "use a token that can read it" if _status(exc) == 404 else _LOGIN
         return QtoolError(
             f"repository {repo_id} not found, or private: {url}",
-            hint=f"check the repo id; for a private repo {_LOGIN}",
+            hint=f"check the repo id; for a private repo {private}",
         )
     if isinstance(exc, errors.RevisionNotFoundError):
         return QtoolError(
@@ -457,9 +470,13 @@ def _map_error(exc: Exception, repo_id: str, revision: str | None, filename: str
     return None
 
 
+def _status(exc: Exception) -> int | None:
+    """The HTTP status of a huggingface_hub error's response, if it has one."""
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
 def _map_http_error(exc: Any, url: str) -> QtoolError:
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
+    status = _status(exc)
     detail = f": {_one_line(exc.server_message)}" if getattr(exc, "server_message", None) else ""
     if status == 401:
         return QtoolError(

@@ -17,7 +17,7 @@ from unittest import mock
 import huggingface_hub
 import pytest
 import torch
-from huggingface_hub import CommitInfo, RepoFile, RepoUrl, constants
+from huggingface_hub import CommitInfo, ModelInfo, RepoFile, RepoUrl, constants
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     EntryNotFoundError,
@@ -148,16 +148,24 @@ def test_list_files_local(tmp_path):
     ]
 
 
+COMMIT = "c" * 40
+
+
 def test_list_files_repo():
-    with patch_hf("list_repo_files", return_value=["b.json", "a/c.safetensors"]) as list_repo_files:
+    """The repo's info first (one request that fails fast), then the tree at the commit it names."""
+    with (
+        patch_hf("repo_info", return_value=ModelInfo(id=REPO, sha=COMMIT)) as repo_info,
+        patch_hf("list_repo_files", return_value=["b.json", "a/c.safetensors"]) as list_repo_files,
+    ):
         assert hub.list_files(REPO, revision="v1", token=TOKEN) == ["a/c.safetensors", "b.json"]
-    list_repo_files.assert_called_once_with(repo_id=REPO, revision="v1", token=TOKEN)
+    repo_info.assert_called_once_with(repo_id=REPO, revision="v1", token=TOKEN)
+    list_repo_files.assert_called_once_with(repo_id=REPO, revision=COMMIT, token=TOKEN)
 
 
 def test_list_files_offline_uses_the_cached_listing():
     cached = [RepoFile(path="model_index.json", size=2, oid="0" * 40), RepoFile(path="vae/a.json", size=2, oid="1")]
     with (
-        patch_hf("list_repo_files", side_effect=OfflineModeIsEnabled("offline")),
+        patch_hf("repo_info", side_effect=OfflineModeIsEnabled("offline")),
         patch_hf("get_cached_repo_tree", return_value=cached) as tree,
     ):
         assert hub.list_files(REPO, revision="main") == ["model_index.json", "vae/a.json"]
@@ -166,13 +174,15 @@ def test_list_files_offline_uses_the_cached_listing():
 
 def test_list_files_offline_without_a_cached_listing():
     with (
-        patch_hf("list_repo_files", side_effect=http_client.ConnectError("no route")),
+        patch_hf("repo_info", side_effect=http_client.ConnectError("no route")),
+        patch_hf("list_repo_files") as list_repo_files,
         patch_hf("get_cached_repo_tree", side_effect=CachedRepoTreeNotFoundError("none")),
         pytest.raises(QtoolError, match="cannot reach the Hugging Face Hub") as info,
     ):
         hub.list_files(REPO)
     assert URL in info.value.message
     assert isinstance(info.value.__cause__, http_client.ConnectError)
+    list_repo_files.assert_not_called()  # huggingface_hub retries it for ~25 s without a network
 
 
 # download
@@ -414,15 +424,25 @@ def test_upload_folder_forbidden(tmp_path):
 # Error mapping: (exception raised by huggingface_hub, words in the message, words in the hint)
 
 ERRORS = {
+    "gated-anonymous": (
+        lambda: http_error(GatedRepoError, 401, "Cannot access gated repo"),
+        [f"{URL} is a gated repository", "no token was sent"],
+        [f"accept the license at {URL}", "--token", "HF_TOKEN"],
+    ),
     "gated": (
         lambda: http_error(GatedRepoError, 403, "Cannot access gated repo"),
-        [f"{URL} is a gated repository"],
-        [f"accept the license at {URL}", "--token", "HF_TOKEN"],
+        [f"{URL} is a gated repository", "the token has no access"],
+        [f"accept the license at {URL}", "--token"],
     ),
     "not-found": (
         lambda: http_error(RepositoryNotFoundError, 401, "Repository Not Found"),
         [f"repository {REPO} not found, or private", URL],
         ["check the repo id", "--token", "HF_TOKEN", "hf auth login"],
+    ),
+    "not-found-with-token": (
+        lambda: http_error(RepositoryNotFoundError, 404, "Repository Not Found"),
+        [f"repository {REPO} not found, or private", URL],
+        ["check the repo id", "a token that can read it"],
     ),
     "revision": (
         lambda: http_error(RevisionNotFoundError, 404, "Revision Not Found"),
@@ -538,7 +558,8 @@ def raise_leaky(kind: str):
 
 def calls(tmp_path):
     return {
-        "list_files": ("list_repo_files", lambda: hub.list_files(REPO, token=TOKEN)),
+        "list_files": ("repo_info", lambda: hub.list_files(REPO, token=TOKEN)),
+        "list_tree": ("list_repo_files", lambda: hub.list_files(REPO, token=TOKEN)),
         "download": ("snapshot_download", lambda: hub.download(REPO, patterns=["*"], token=TOKEN)),
         "read_json": ("hf_hub_download", lambda: hub.read_json(REPO, "a.json", token=TOKEN)),
         "headers": (
@@ -549,11 +570,12 @@ def calls(tmp_path):
     }
 
 
-@pytest.mark.parametrize("function", ["list_files", "download", "read_json", "headers", "upload"])
+@pytest.mark.parametrize("function", ["list_files", "list_tree", "download", "read_json", "headers", "upload"])
 @pytest.mark.parametrize("kind", ["http", "connect", "not-found", "other"])
 def test_token_never_leaks(tmp_path, function, kind):
     target, call = calls(tmp_path)[function]
     with (
+        patch_hf("repo_info", return_value=ModelInfo(id=REPO, sha=COMMIT)),
         patch_hf(target, side_effect=raise_leaky(kind)),
         patch_hf("create_repo", return_value=RepoUrl(URL)),
         patch_hf("get_cached_repo_tree", side_effect=CachedRepoTreeNotFoundError("none")),
