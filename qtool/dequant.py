@@ -86,8 +86,12 @@ class DequantizeResult:
         }
 
 
-def _quantized_components(folder: Path, components: list[str] | None) -> tuple[str, list[str], list[str]]:
-    """``(kind, the components to dequantize, the root entries to copy)``; refuses a checkpoint with nothing to do."""
+def _quantized_components(
+    folder: Path, components: list[str] | None, name: str | None = None
+) -> tuple[str, list[str], list[str]]:
+    """``(kind, the components to dequantize, the root entries to copy)``; refuses a checkpoint with nothing to do.
+    ``name``: what messages call the checkpoint (a Hub repo's id rather than its cache folder)."""
+    label = name or folder
     if (folder / "model_index.json").exists():
         available = pipeline_components(read_json(folder / "model_index.json"))
         methods = {
@@ -107,7 +111,7 @@ def _quantized_components(folder: Path, components: list[str] | None) -> tuple[s
         chosen = list(dict.fromkeys(components)) if components else [n for n, m in methods.items() if m]
         if not chosen:
             raise QtoolError(
-                f"{folder} is not quantized: no component's config.json has a quantization_config",
+                f"{label} is not quantized: no component's config.json has a quantization_config",
                 hint="dequantize reads checkpoints written by qtool quantize or by bitsandbytes' save_pretrained",
             )
         _check_bnb({name: methods[name] for name in chosen})
@@ -119,13 +123,13 @@ def _quantized_components(folder: Path, components: list[str] | None) -> tuple[s
         method = quant_method(read_json(folder / "config.json"))
         if method is None:
             raise QtoolError(
-                f"{folder} is not quantized: its config.json has no quantization_config",
+                f"{label} is not quantized: its config.json has no quantization_config",
                 hint="dequantize reads checkpoints written by qtool quantize or by bitsandbytes' save_pretrained",
             )
         _check_bnb({"": method})
         return "model", [""], []
     raise QtoolError(
-        f"{folder} has neither model_index.json (a diffusers pipeline) nor config.json (a model)",
+        f"{label} has neither model_index.json (a diffusers pipeline) nor config.json (a model)",
         hint="point qtool at a folder written by save_pretrained, or at a Hub repo id",
     )
 
@@ -306,7 +310,7 @@ def _download(source: str, components: list[str] | None, *, revision, token, pro
     from qtool.api import MODEL_PATTERNS, pipeline_patterns
 
     folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
-    _quantized_components(folder, components)
+    _quantized_components(folder, components, name=source)
     if (folder / "model_index.json").exists():
         patterns = pipeline_patterns(pipeline_components(read_json(folder / "model_index.json")))
     else:

@@ -202,7 +202,7 @@ def test_a_hub_repo_fetches_json_first_and_refuses_before_weights(
     then fetches model_index.json and the component folders, and writes what a local run writes."""
     monkeypatch.chdir(tmp_path)
     fake_hub.serve("acme/plain", tiny_flux)
-    with pytest.raises(QtoolError, match="is not quantized"):
+    with pytest.raises(QtoolError, match="^acme/plain is not quantized"):  # named as the user named it
         dequantize_checkpoint("acme/plain", device="cpu")
     assert fake_hub.downloaded_patterns() == [["*.json"]]
     fake_hub.serve("acme/nf4", flux_outputs["nf4"])
