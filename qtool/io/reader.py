@@ -14,6 +14,7 @@ it, keeps the peak at about one tensor. The header parsing here is complete anyw
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -59,6 +60,15 @@ SAFETENSORS_DTYPES: dict[str, tuple[int, str | None]] = {
 # safetensors refuses headers above 100 MB (a guard against hostile files); refusing them here keeps scan and
 # safe_open in agreement.
 MAX_HEADER_BYTES = 100_000_000
+# serde_json, which safetensors parses headers with, refuses JSON nested deeper than this (objects and arrays
+# together, the header object counting as one level). Python's json goes on to the interpreter's recursion limit
+# and then raises RecursionError, so without this check a header could pass here and fail in safe_open.
+MAX_JSON_DEPTH = 127
+# safetensors reads shapes and offsets as 64-bit unsigned integers and multiplies a shape's dims in them, left to
+# right, refusing the header on overflow (even when a later dim is 0).
+_U64_MAX = 2**64 - 1
+# torch sizes are signed 64-bit: a dim above this (possible only in a 0-element tensor) cannot be a torch shape.
+_TORCH_DIM_MAX = 2**63 - 1
 
 _SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 _INDEX_NAME = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.[^.]+)?\.json$")
@@ -129,6 +139,80 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def _json_int(text: str) -> int | float:
+    # serde_json reads "-0" as a float (so not a valid dim or offset to safetensors) and refuses integers beyond the
+    # float range; Python's json makes both plain ints.
+    if text == "-0":
+        return -0.0
+    if len(text) > 300 and math.isinf(float(text)):
+        raise ValueError(f"number {text[:20]}... is out of range")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    # Python's json turns 1e400 into inf; serde_json refuses it.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _json_constant(name: str) -> float:
+    # NaN, Infinity and -Infinity are a Python extension to JSON; serde_json refuses them.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether JSON ``value`` nests objects and arrays more than ``limit`` levels deep (iteratively: no recursion)."""
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        node, depth = stack.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _load_json(raw: bytes) -> object:
+    """Parse a safetensors header as serde_json (safetensors' parser) would, refusing what it refuses.
+
+    Python's json is more lenient in ways that matter here, each closed below: NaN/Infinity and out-of-range
+    numbers, "-0" as an integer, lone UTF-16 surrogates in ``\\u`` escapes, and nesting past serde_json's limit
+    (deeper still, Python raises RecursionError). Repeated keys are refused, which safetensors does not do.
+
+    Raises:
+        ValueError: (UnicodeDecodeError included) for anything serde_json would refuse, or a repeated key.
+    """
+    text = raw.decode("utf-8")
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_reject_duplicates,
+            parse_int=_json_int,
+            parse_float=_json_float,
+            parse_constant=_json_constant,
+        )
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if _too_deep(value, MAX_JSON_DEPTH):
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    if "\\u" in text:
+        # Only a \u escape can make a lone surrogate (the bytes were valid UTF-8); Rust strings cannot hold one.
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a \\u escape encodes a lone UTF-16 surrogate") from None
+    return value
+
+
+def _brief(value: object) -> str:
+    # A hostile header can hold a megabyte-long "dtype"; messages quote the start of it.
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _is_int(value: object) -> bool:
     # JSON true/false parse to bool, which is an int subclass in Python.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -141,11 +225,11 @@ def _parse_entry(path: Path, key: str, entry: object, data_start: int, data_len:
         raise QtoolError(f"{where}: header entry is not a JSON object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise QtoolError(f"{where}: unknown dtype tag {dtype!r}")
+        raise QtoolError(f"{where}: unknown dtype tag {_brief(dtype)}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise QtoolError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        raise QtoolError(f"{where}: shape {_brief(shape)} is not a list of non-negative integers")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
-        raise QtoolError(f"{where}: data_offsets {offsets!r} is not a pair of non-negative integers")
+        raise QtoolError(f"{where}: data_offsets {_brief(offsets)} is not a pair of non-negative integers")
     begin, end = offsets
     if begin > end:
         raise QtoolError(f"{where}: data_offsets [{begin}, {end}] are out of order")
@@ -155,12 +239,18 @@ def _parse_entry(path: Path, key: str, entry: object, data_start: int, data_len:
             " (is the file truncated?)"
         )
     numel = 1
+    bits = SAFETENSORS_DTYPES[dtype][0]
     for d in shape:
         numel *= d
-    bits = SAFETENSORS_DTYPES[dtype][0]
+        # Checked at each step, as safetensors does; it also keeps a long shape from making huge Python ints.
+        if d > _U64_MAX or numel > _U64_MAX:
+            raise QtoolError(f"{where}: shape {_brief(shape)} overflows a 64-bit element count")
+    if numel * bits > _U64_MAX:
+        raise QtoolError(f"{where}: shape {_brief(shape)} x {dtype} overflows a 64-bit size in bits")
     if numel * bits != 8 * (end - begin):
         raise QtoolError(
-            f"{where}: shape {shape} x {dtype} is {numel * bits / 8:g} bytes but data_offsets span {end - begin}"
+            f"{where}: shape {_brief(shape)} x {dtype} is {numel * bits / 8:g} bytes"
+            f" but data_offsets span {end - begin}"
         )
     info = TensorInfo(
         key=key, dtype=dtype, shape=tuple(shape), file=path.name, nbytes=end - begin, offset=data_start + begin
@@ -171,9 +261,10 @@ def _parse_entry(path: Path, key: str, entry: object, data_start: int, data_len:
 def safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     """Parse and check one safetensors file's header, reading no tensor data.
 
-    The checks are those safetensors applies when it opens a file: the header fits in the file, is a JSON object,
-    each dtype tag is known, each shape times its item size equals its offset span, and the tensors tile the data
-    section exactly (no overlap, no gap, nothing left over).
+    The checks are those safetensors applies when it opens a file: the header fits in the file, is JSON as
+    safetensors' parser reads it (see ``_load_json``) and an object, each dtype tag is known, each shape times its
+    item size equals its offset span (without overflowing 64 bits), and the tensors tile the data section exactly
+    (no overlap, no gap, nothing left over). Repeated keys are refused too, which safetensors lets pass.
 
     Args:
         path: the ``.safetensors`` file.
@@ -201,13 +292,15 @@ def safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     except OSError as e:
         raise QtoolError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+        header = _load_json(raw)
+    except ValueError as e:  # UnicodeDecodeError is one
         raise QtoolError(f"{path}: header is not valid JSON ({e})") from e
     if not isinstance(header, dict):
         raise QtoolError(f"{path}: header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    # null counts as absent (safetensors reads an optional object); [], 0 or "" do not.
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise QtoolError(f"{path}: __metadata__ must map strings to strings")
 
@@ -267,8 +360,16 @@ def _find_weight_file(folder: Path) -> str:
 
 
 def _check_shard_name(index: Path, name: object) -> str:
-    # Shards live beside their index; anything else could read files outside the folder.
-    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or ":" in name:
+    # Shards live beside their index; anything else could read files outside the folder. Unprintable names (a
+    # newline, NUL, a lone surrogate) are no real shard's and would break the one-line messages that quote them.
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or ":" in name
+        or not name.isprintable()
+    ):
         raise QtoolError(
             f"{index}: weight_map names {name!r}, which is not a file name in the index's folder",
             hint="an index may only name shards that sit next to it",
@@ -282,7 +383,7 @@ def _scan_sharded(folder: Path, index_name: str) -> ComponentWeights:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except OSError as e:
         raise QtoolError(f"{index_path}: cannot read: {e.strerror or e}") from e
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's stack allows
         raise QtoolError(f"{index_path}: not valid JSON ({e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -295,7 +396,11 @@ def _scan_sharded(folder: Path, index_name: str) -> ComponentWeights:
     headers: dict[str, dict[str, TensorInfo]] = {}
     file_metadata: dict[str, dict] = {}
     for name in shard_names:
-        if not (folder / name).is_file():
+        try:
+            found = (folder / name).is_file()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise QtoolError(f"{index_path}: cannot read shard {name}: {e.strerror or e}") from e
+        if not found:
             raise QtoolError(
                 f"{index_path}: shard {name} is missing", hint="download the whole folder again (all shards)"
             )
@@ -429,8 +534,8 @@ class TensorReader:
         Raises:
             ValueError: ``out`` is not a large enough contiguous 1-D uint8 CPU tensor.
             KeyError: the key is not in the component.
-            QtoolError: the file cannot be read, no longer matches the scanned header, or holds a dtype this torch
-                build lacks.
+            QtoolError: the file cannot be read, no longer matches the scanned header, or holds a dtype or shape
+                this torch build cannot hold (an odd last dim of F4, dims beyond int64).
         """
         if self._closed:
             raise ValueError("read from a closed TensorReader")
@@ -442,6 +547,17 @@ class TensorReader:
         dtype = getattr(torch, torch_name, None) if torch_name else None
         if dtype is None:
             raise QtoolError(f"{path}: tensor {key!r} is {info.dtype}, which torch {torch.__version__} cannot hold")
+        # The torch shape. The two refusals below pass safetensors' header checks; its get_tensor refuses them too.
+        shape = list(info.shape)
+        if bits == 4 and shape:
+            if shape[-1] % 2:
+                raise QtoolError(
+                    f"{path}: tensor {key!r} is F4 of shape {_brief(list(info.shape))}: torch packs F4 in pairs"
+                    " along the last dim, which must be even"
+                )
+            shape[-1] //= 2  # torch's float4_e2m1fn_x2 packs two values per element
+        if any(d > _TORCH_DIM_MAX for d in shape):
+            raise QtoolError(f"{path}: tensor {key!r} has shape {_brief(list(info.shape))}, beyond torch's int64 sizes")
         if out is None:
             buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         elif out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous() or out.device.type != "cpu":
@@ -461,10 +577,15 @@ class TensorReader:
                 done += n
         except OSError as e:
             raise QtoolError(f"{path}: cannot read tensor {key!r}: {e.strerror or e}") from e
-        shape = list(info.shape)
-        if bits == 4 and shape:
-            shape[-1] //= 2  # torch's float4_e2m1fn_x2 packs two values per element
-        return buffer.view(dtype).reshape(shape)
+        try:
+            return buffer.view(dtype).reshape(shape)
+        except RuntimeError as e:
+            # Only an empty tensor gets here (others have a product of dims the file holds): its dims can still
+            # overflow torch's int64 strides, e.g. [0, 2**62, 2], which safetensors' get_tensor refuses too.
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise QtoolError(
+                f"{path}: tensor {key!r} of shape {_brief(list(info.shape))}: torch refuses it ({reason})"
+            ) from e
 
     def prefetch(self, key: str) -> None:
         """Ask the kernel to start reading ``key``'s bytes into the page cache now, without waiting for them.

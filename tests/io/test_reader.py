@@ -307,6 +307,26 @@ def test_index_malformed(tmp_path, raw):
         scan_component(tmp_path)
 
 
+def test_index_nested_too_deeply(tmp_path):
+    # Python's json raised RecursionError here (found by tests/faults/test_fuzz_headers.py).
+    write_index(tmp_path, {}, raw="[" * 100_000 + "]" * 100_000)
+    with pytest.raises(QtoolError, match=f"{INDEX}: not valid JSON"):
+        scan_component(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [("x" * 300, "cannot read shard x+: File name too long"), ("a\nb", "not a file name"), ("\u2028", "not a file")],
+    ids=["too_long", "newline", "line_separator"],
+)
+def test_index_names_an_impossible_file(tmp_path, name, message):
+    """A name the file system refuses raised OSError; one with a line break made a two-line message (fuzz)."""
+    write_index(tmp_path, {"x": name})
+    with pytest.raises(QtoolError, match=message) as e:
+        scan_component(tmp_path)
+    assert INDEX in e.value.message and len(e.value.message.splitlines()) == 1
+
+
 def test_index_and_shards_disagree(tmp_path):
     shard = "model-00001-of-00001.safetensors"
     save_file({"x": torch.zeros(1), "extra": torch.zeros(1)}, tmp_path / shard)
@@ -346,11 +366,23 @@ CORRUPT = [
     ("gap", {"a": F32x2, "b": entry("F32", [1], 12, 16)}, bytes(16), None, "gap of 4 bytes before tensor 'b'"),
     ("trailing_bytes", {"a": F32x2}, bytes(12), None, "data section has 12 bytes but the tensors cover only 8"),
     ("metadata_not_text", {"__metadata__": {"n": 1}, "a": F32x2}, bytes(8), None, "__metadata__"),
+    # Found by tests/faults/test_fuzz_headers.py: Python's json accepts these, serde_json (safetensors) does not.
+    ("metadata_not_an_object", {"__metadata__": [], "a": F32x2}, bytes(8), None, "__metadata__"),
+    ("nan", b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": NaN}}', bytes(8), None, "NaN"),
+    ("out_of_range", b'{"a": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0], "x": 1e400}}', b"", None, "range"),
+    ("minus_zero", b'{"a": {"dtype": "U8", "shape": [-0], "data_offsets": [0, 0]}}', b"", None, "'a': shape"),
+    ("lone_surrogate", b'{"\\ud800": {"dtype": "U8", "shape": [0], "data_offsets": [0, 0]}}', b"", None, "surrogate"),
+    ("too_deep", {"a": entry("U8", [0], 0, 0) | {"x": [[[]]]}}, b"", None, "nested more than 127"),
+    ("recursion", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", None, "nested more than 127"),
+    ("shape_overflow", {"a": entry("U8", [2**63, 2, 0], 0, 0)}, b"", None, "'a': shape .* overflows"),
+    ("dim_beyond_u64", {"a": entry("U8", [0, 2**64], 0, 0)}, b"", None, "'a': shape .* overflows"),
 ]
 
 
 @pytest.mark.parametrize("case, header, data, header_len, message", CORRUPT, ids=[c[0] for c in CORRUPT])
 def test_corrupt_file(tmp_path, case, header, data, header_len, message):
+    if case == "too_deep":  # 128 levels: the header, the entry, 126 nested lists
+        header = json.dumps(header).encode().replace(b"[[[]]]", b"[" * 126 + b"]" * 126)
     path = st_file(tmp_path / "model.safetensors", header, data, header_len)
     if case == "truncated":
         path.write_bytes(b"\x05\x00\x00")
@@ -361,6 +393,48 @@ def test_corrupt_file(tmp_path, case, header, data, header_len, message):
         # Otherwise scan is no stricter than safetensors: whatever it refuses, safe_open refuses too.
         with pytest.raises(SafetensorError):
             safe_open(path, framework="pt")
+
+
+def test_json_nesting_limit_is_safetensors(tmp_path):
+    """127 levels pass (both here and in safe_open); test_corrupt_file's too_deep case is one more."""
+    header = json.dumps({"a": entry("U8", [0], 0, 0) | {"x": [[[]]]}}).encode()
+    st_file(tmp_path / "model.safetensors", header.replace(b"[[[]]]", b"[" * 125 + b"]" * 125))
+    assert list(scan_component(tmp_path).tensors) == ["a"]
+    with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
+        assert list(f.keys()) == ["a"]
+
+
+@pytest.mark.parametrize(
+    "dtype, shape, nbytes, message",
+    [
+        ("F4", [2, 3], 3, "F4 of shape \\[2, 3\\]: torch packs F4 in pairs"),
+        ("F4", [0, 3], 0, "F4 of shape \\[0, 3\\]: torch packs F4 in pairs"),
+        ("U8", [2**63, 0], 0, "beyond torch's int64 sizes"),
+        ("F4", [2**63, 0], 0, "beyond torch's int64 sizes"),
+        ("U8", [0, 2**62, 2], 0, "torch refuses it \\(Stride calculation overflowed\\)"),
+    ],
+    ids=["f4_odd_last_dim", "f4_odd_last_dim_empty", "dim_beyond_int64", "f4_dim_beyond_int64", "strides_overflow"],
+)
+def test_read_refuses_what_torch_cannot_hold(tmp_path, dtype, shape, nbytes, message):
+    """Valid headers (safe_open opens them) that no torch tensor can match: torch raised RuntimeError or TypeError
+    from reshape, or an empty F4 tensor came back with a wrong shape (found by tests/faults/test_fuzz_headers.py)."""
+    path = st_file(tmp_path / "model.safetensors", {"t": entry(dtype, shape, 0, nbytes)}, bytes(nbytes))
+    component = scan_component(tmp_path)
+    with TensorReader(component) as reader, pytest.raises(QtoolError, match=message) as e:
+        reader.read("t")
+    assert str(path) in e.value.message
+    with safe_open(path, framework="pt") as f, pytest.raises(Exception):  # noqa: B017 - torch's or safetensors'
+        f.get_tensor("t")
+
+
+def test_read_takes_f4_dims_as_torch_holds_them(tmp_path):
+    """An F4 dim of 2**63 is 2**62 torch elements: safetensors reads it, so qtool must too (found by the fuzz)."""
+    path = st_file(tmp_path / "model.safetensors", {"t": entry("F4", [0, 2**63], 0, 0)})
+    with TensorReader(scan_component(tmp_path)) as reader:
+        got = reader.read("t")
+    with safe_open(path, framework="pt") as f:
+        want = f.get_tensor("t")
+    assert got.dtype == want.dtype == torch.float4_e2m1fn_x2 and got.shape == want.shape == (0, 2**62)
 
 
 def test_corrupt_shard_is_named(tmp_path):
