@@ -43,7 +43,7 @@ def _quantize_absmax_kernel(
     offs = offs_b[:, None] * NBLOCK + tl.arange(0, NBLOCK)[None, :]  # [NESTED, NBLOCK]
     mask = offs < nblocks
     a = tl.where(mask, tl.load(absmax_ptr + offs, mask=mask, other=0.0) - offset, 0.0)
-    nested_absmax = tl.max(tl.abs(a), axis=1)
+    nested_absmax = tl.max(tl.where(a != a, 0.0, tl.abs(a)), axis=1)  # NaN ignored (abs_ignoring_nan)
     recip = tl.math.div_rn(tl.full([NESTED], 1.0, tl.float32), nested_absmax)
     x = a * recip[:, None]
     # bnb CUDA's dQuantize<0>: binary search from pivot 127 with steps 64..1, tracking the bracketing pivots.

@@ -99,7 +99,7 @@ def _quantize_4bit_kernel(
     offs = offs_b[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # [BLOCKS, QBLOCK]
     # Elements past n read as 0.0: the odd element's pad nibble is the code of 0, as bnb CUDA writes it.
     x = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.abs(x), axis=1)  # [BLOCKS]
+    absmax = tl.max(tl.where(x != x, 0.0, tl.abs(x)), axis=1)  # [BLOCKS]; NaN ignored (abs_ignoring_nan)
     # IEEE-rounded reciprocal, as the reference (torch.reciprocal) computes it; 1 / 0 = inf.
     recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)
     s = x * recip[:, None]

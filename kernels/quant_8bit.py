@@ -41,7 +41,8 @@ def _quantize_8bit_rowwise_kernel(
         mask = mask_n[:, None] & (offs_k < K)[None, :]
         # bnb's Int8Params quantizes the float16 cast of every weight dtype.
         x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
-        absmax = tl.maximum(absmax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        ax = tl.abs(x.to(tl.float32))
+        absmax = tl.maximum(absmax, tl.max(tl.where(ax != ax, 0.0, ax), axis=1))  # NaN ignored (abs_ignoring_nan)
     # bnb CUDA: scale = 127 * reciprocal(SCB); here the reciprocal is IEEE-rounded, as in the reference.
     scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
     for k0 in range(0, K, BLOCK_K):

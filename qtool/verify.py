@@ -31,6 +31,7 @@ import torch
 from qtool.errors import QtoolError
 from qtool.formats import bnb4, bnb8
 from qtool.reference.codebooks import NESTED_BLOCKSIZE, dynamic_map, quant_map
+from qtool.reference.quant4 import abs_ignoring_nan
 
 if TYPE_CHECKING:
     from qtool.formats.layers import QuantizedLayer
@@ -70,8 +71,8 @@ def check_finite(weight: torch.Tensor, key: str, bits: int) -> None:
             hint="use 4-bit (--bits 4), or pass --allow-nonfinite to quantize it anyway, as bitsandbytes would",
         )
     raise QtoolError(
-        f"tensor {key!r} holds {found} value(s), first at {first}: quantizing it would spread them over their "
-        f"{'rows' if bits == 8 else 'blocks'}",
+        f"tensor {key!r} holds {found} value(s), first at {first}: no code can hold them (a NaN becomes a wrong "
+        f"value, an Inf makes its whole {'row' if bits == 8 else 'block'} NaN)",
         hint="the checkpoint may be damaged; pass --allow-nonfinite to quantize it anyway, as bitsandbytes would",
     )
 
@@ -102,7 +103,7 @@ def _check_4bit(weight: torch.Tensor, entries: dict[str, torch.Tensor], restored
     _, state = bnb4.decode(entries)
     stored = stored_absmax(state).float()
     blocks = _blocks(weight, state.blocksize)
-    absmax = blocks.abs().amax(dim=1)
+    absmax = abs_ignoring_nan(blocks).amax(dim=1)
     absmax_err = (absmax - stored).abs()
     if state.double_quant:
         nested = state.nested_absmax.float().repeat_interleave(state.nested_blocksize)[: absmax.numel()]
@@ -117,7 +118,7 @@ def _check_4bit(weight: torch.Tensor, entries: dict[str, torch.Tensor], restored
 def _check_8bit(weight: torch.Tensor, entries: dict[str, torch.Tensor], restored: torch.Tensor, key: str) -> None:
     _, scb = bnb8.decode(entries)
     scb = scb.float()
-    row_absmax = weight.to(torch.float16).float().abs().amax(dim=1)
+    row_absmax = abs_ignoring_nan(weight.to(torch.float16).float()).amax(dim=1)
     _report((row_absmax - scb).abs(), torch.zeros_like(scb), key, "SCB")
     w = weight.float()
     # Half a float16 ulp of |w| (2**-11 relative; 2**-25 absolute below float16's normal range) for the cast.

@@ -12,6 +12,7 @@ import math
 import torch
 
 from qtool.reference.codebooks import NESTED_BLOCKSIZE, dynamic_map
+from qtool.reference.quant4 import abs_ignoring_nan
 
 
 def nearest_dynamic_code_ref(s: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,7 @@ def quantize_absmax_ref(
     padded = torch.zeros(nnested * nested_blocksize, dtype=torch.float32, device=absmax.device)
     padded[:nblocks] = centred
     padded = padded.view(nnested, nested_blocksize)
-    nested_absmax = padded.abs().amax(dim=1)
+    nested_absmax = abs_ignoring_nan(padded).amax(dim=1)
     # Same reciprocal-then-multiply as the 4-bit scale; a zero nested absmax gives NaN, which codes to 0.
     s = padded * torch.reciprocal(nested_absmax)[:, None]
     codes = nearest_dynamic_code_ref(s, dynamic_map(absmax.device)).reshape(-1)[:nblocks]

@@ -30,6 +30,13 @@ def check_4bit_args(weight: torch.Tensor, quant_type: str, blocksize: int) -> No
         raise ValueError("cannot quantize an empty tensor")
 
 
+def abs_ignoring_nan(x: torch.Tensor) -> torch.Tensor:
+    """|x| with NaN as 0: what an absmax is taken over. bnb CUDA's fmaxf skips NaN, so a NaN leaves its block's
+    absmax alone (and itself codes to 0, below); torch's amax would make the absmax NaN, and Triton's max on a GPU
+    differs from its interpreter. Saying it here makes every backend agree."""
+    return torch.where(torch.isnan(x), 0.0, x.abs())
+
+
 def scale_blocks_ref(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the flattened weight into blocks and scale each by the reciprocal of its absmax.
 
@@ -41,7 +48,7 @@ def scale_blocks_ref(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     x = torch.zeros(nblocks * blocksize, dtype=torch.float32, device=weight.device)
     x[:n] = weight.reshape(-1).to(torch.float32)
     x = x.view(nblocks, blocksize)
-    absmax = x.abs().amax(dim=1)
+    absmax = abs_ignoring_nan(x).amax(dim=1)
     # bnb CUDA: s = x * rcp.approx(absmax), no clamp. An all-zero block gives 0 * inf = NaN, which codes to 0 (NF4
     # and FP4 alike): byte 0x00, where bnb CPU writes 0x77 for NF4. Both dequantize to 0.
     recip = torch.reciprocal(absmax)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.reference.quant4 import FLOAT_DTYPES
+from qtool.reference.quant4 import FLOAT_DTYPES, abs_ignoring_nan
 
 # bnb's int8 dequantize multiplies by this float32 constant (1/127 rounded), not divides by 127: the two differ
 # in float32 for 4.4% of elements (bnb-format.md §6).
@@ -39,7 +39,7 @@ def quantize_8bit_rowwise_ref(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     """
     check_8bit_args(weight)
     w16 = weight.to(torch.float16).to(torch.float32)
-    scb = w16.abs().amax(dim=1)
+    scb = abs_ignoring_nan(w16).amax(dim=1)
     scale = 127.0 * torch.reciprocal(scb)
     q = torch.round(w16 * scale[:, None])
     # 0 * inf (zero row) and inf * 0 (inf row) are NaN; CUDA's float-to-int conversion gives 0 for NaN.
