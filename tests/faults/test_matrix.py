@@ -626,14 +626,25 @@ def test_verification_checks_the_written_key_set(t5, work, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", [["--double-quant"], ["--fp4"], ["--bits", "8"]])
+@pytest.mark.parametrize("method", [[], ["--double-quant"], ["--fp4"], ["--bits", "8"]])
 def test_cuda_runs_are_deterministic_and_equal_the_cpu_run(tiny_flux, work, method):
-    """On a GPU: two runs give the same bytes, and the Triton path writes exactly what the CPU reference writes."""
+    """On a GPU: two runs give the same bytes, and the Triton path writes what the CPU reference writes. With
+    double quant, bnb takes the absmax mean (the nested offset) with torch.mean on the device it quantizes on, and
+    so does qtool: its last bit, hence the blob and some absmax codes, may differ between CPU and GPU; nothing else
+    may (measured on the H100: the offsets differ, the 4-bit codes do not)."""
+    from bnb_loading import read_all
+
     for name, device in (("cuda-a", "cuda"), ("cuda-b", "cuda"), ("cpu", "cpu")):
         outcome = qtool("quantize", tiny_flux, *method, "--device", device, "--output", work / name, "--quiet")
         assert outcome.exit_code == 0, outcome.stderr
     assert tree(work / "cuda-a") == tree(work / "cuda-b")
-    assert tree(work / "cuda-a") == tree(work / "cpu")
+    if "--double-quant" not in method:
+        assert tree(work / "cuda-a") == tree(work / "cpu")
+    for component in ("transformer", "text_encoder_2"):
+        gpu, cpu = read_all(work / "cuda-a" / component), read_all(work / "cpu" / component)
+        assert sorted(gpu) == sorted(cpu)
+        differing = [k for k in gpu if not torch.equal(gpu[k], cpu[k])]
+        assert all(k.endswith((".weight.absmax", ".quant_state.bitsandbytes__nf4")) for k in differing), differing
     for name, device in (("cuda-d", "cuda"), ("cpu-d", "cpu")):
         assert qtool("dequantize", work / "cpu", "--device", device, "--output", work / name).exit_code == 0
     assert tree(work / "cuda-d") == tree(work / "cpu-d")
