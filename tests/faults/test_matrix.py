@@ -630,8 +630,8 @@ def test_verification_checks_the_written_key_set(t5, work, monkeypatch):
 def test_cuda_runs_are_deterministic_and_equal_the_cpu_run(tiny_flux, work, method):
     """On a GPU: two runs give the same bytes, and the Triton path writes what the CPU reference writes. With
     double quant, bnb takes the absmax mean (the nested offset) with torch.mean on the device it quantizes on, and
-    so does qtool: its last bit, hence the blob and some absmax codes, may differ between CPU and GPU; nothing else
-    may (measured on the H100: the offsets differ, the 4-bit codes do not)."""
+    so does qtool: its last bit, hence the blob, nested_absmax and some absmax codes, may differ between CPU and GPU;
+    nothing else may (measured on the H100: one layer of the example differs, in those entries only)."""
     from bnb_loading import read_all
 
     for name, device in (("cuda-a", "cuda"), ("cuda-b", "cuda"), ("cpu", "cpu")):
@@ -644,7 +644,8 @@ def test_cuda_runs_are_deterministic_and_equal_the_cpu_run(tiny_flux, work, meth
         gpu, cpu = read_all(work / "cuda-a" / component), read_all(work / "cpu" / component)
         assert sorted(gpu) == sorted(cpu)
         differing = [k for k in gpu if not torch.equal(gpu[k], cpu[k])]
-        assert all(k.endswith((".weight.absmax", ".quant_state.bitsandbytes__nf4")) for k in differing), differing
+        allowed = (".weight.absmax", ".weight.nested_absmax", ".quant_state.bitsandbytes__nf4")
+        assert all(k.endswith(allowed) for k in differing), differing
     for name, device in (("cuda-d", "cuda"), ("cpu-d", "cpu")):
         assert qtool("dequantize", work / "cpu", "--device", device, "--output", work / name).exit_code == 0
     assert tree(work / "cuda-d") == tree(work / "cpu-d")
