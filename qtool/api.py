@@ -218,9 +218,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_stale(parent: Path, name: str) -> None:
-    """Remove what runs killed outright left beside ``name``: temporary folders of dead processes. An old output
-    that a killed run had moved aside (``.<name>.qtool-old-<pid>``) is moved back if nothing replaced it."""
-    pattern = re.compile(rf"^\.{re.escape(name)}\.qtool-(tmp|old)-(\d+)$")
+    """Remove what runs killed outright left beside ``name``: temporary and probe folders of dead processes. An old
+    output that a killed run had moved aside (``.<name>.qtool-old-<pid>``) is moved back if nothing replaced it."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.qtool-(tmp|old|probe)-(\d+)$")
     try:
         entries = list(parent.iterdir())
     except OSError:
