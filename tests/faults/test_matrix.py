@@ -649,3 +649,23 @@ def test_cuda_runs_are_deterministic_and_equal_the_cpu_run(tiny_flux, work, meth
     for name, device in (("cuda-d", "cuda"), ("cpu-d", "cpu")):
         assert qtool("dequantize", work / "cpu", "--device", device, "--output", work / name).exit_code == 0
     assert tree(work / "cuda-d") == tree(work / "cpu-d")
+
+
+def test_what_a_killed_run_left_is_cleaned_up_by_the_next_run(t5, work):
+    """SIGKILL leaves no chance to clean up: the next run to the same output removes the dead run's temporary
+    folder, and moves back an old output that the dead run had moved aside during --overwrite, so nothing is lost.
+    A live run's temporary folder is left alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (work / f".out.qtool-tmp-{pid}").mkdir()
+    (work / f".out.qtool-tmp-{pid}" / "half.safetensors.part").write_bytes(b"x" * 100)
+    (work / f".out.qtool-old-{pid}").mkdir()
+    (work / f".out.qtool-old-{pid}" / "mine.txt").write_text("the old output")
+    (work / f".out.qtool-tmp-{os.getpid()}").mkdir()  # a live process's (this one's): not touched
+    line = assert_one_error(qtool("quantize", t5, "--output", work / "out"), "already exists")
+    assert str(work / "out") in line
+    assert (work / "out" / "mine.txt").read_text() == "the old output"
+    assert sorted(os.listdir(work)) == [f".out.qtool-tmp-{os.getpid()}", "out"]
