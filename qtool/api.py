@@ -176,15 +176,12 @@ def resolve_device(device: str | None) -> str:
 @contextmanager
 def atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``out`` to build the output in, renamed to ``out`` when the block succeeds and
-    removed when it fails (Ctrl-C, SIGTERM and SIGHUP included); a full disk becomes a QtoolError.
-
-    Temporary folders of earlier runs that were killed outright (SIGKILL, power loss) are cleaned up first
-    (``_clean_stale``). The renames and the clean-up run to their end even if a signal arrives meanwhile."""
+    removed when it fails (Ctrl-C, SIGTERM and SIGHUP included); a full disk becomes a QtoolError. Callers check
+    the output first (``_check_output``, which also cleans up after runs killed outright). The renames and the
+    clean-up run to their end even if a signal arrives meanwhile."""
     from qtool.interrupts import deferred
 
-    parent = out.resolve().parent
-    _clean_stale(parent, out.name)
-    tmp = parent / f".{out.name}.qtool-tmp-{os.getpid()}"
+    tmp = out.resolve().parent / f".{out.name}.qtool-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -309,11 +306,6 @@ def copy_component_files(folder: Path, out: Path) -> None:
         _copy_entry(entry, out / name)
 
 
-def _where(plan: ComponentPlan, key: str) -> str:
-    """A tensor's name in messages: ``transformer/<key>`` in a pipeline, the key alone in a model."""
-    return f"{plan.name}/{key}" if plan.name else key
-
-
 def _sqnr_db(weight, restored) -> float | None:
     w = weight.float()
     signal = w.pow(2).sum().item()
@@ -333,7 +325,7 @@ def _quantize_component(
     from qtool.io.reader import TensorReader
     from qtool.io.writer import ShardedWriter
     from qtool.quantize import quantize_tensor
-    from qtool.verify import check_finite, check_layer, verify_component
+    from qtool.verify import check_finite, check_layer, tensor_name, verify_component
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -362,14 +354,14 @@ def _quantize_component(
                 continue
             weight = tensor.to(device)
             if not allow_nonfinite:
-                check_finite(weight, _where(plan, key), spec.bits)
+                check_finite(weight, tensor_name(plan.name, key), spec.bits)
             if spec.bits == 8:
                 entries = quantize_tensor(weight, bits=8)
             else:
                 entries = quantize_tensor(
                     weight, quant_type=spec.quant_type, double_quant=spec.double_quant, blocksize=spec.blocksize
                 )
-            sqnr = _sqnr_db(weight, check_layer(weight, entries, _where(plan, key)))
+            sqnr = _sqnr_db(weight, check_layer(weight, entries, tensor_name(plan.name, key)))
             if sqnr is not None:
                 sqnrs.append(sqnr)
             group = {f"{layer.fqn}.{name}": value.cpu() for name, value in entries.items()}

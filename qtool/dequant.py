@@ -160,7 +160,7 @@ def _dequantize_component(
     from qtool.io.reader import TensorReader, scan_component
     from qtool.io.writer import ShardedWriter
     from qtool.quantize import dequantize_tensor
-    from qtool.verify import check_dequantized_finite, verify_dequantized
+    from qtool.verify import check_dequantized_finite, tensor_name, verify_dequantized
 
     start = time.perf_counter()
     config = read_json(folder / "config.json")
@@ -207,7 +207,7 @@ def _dequantize_component(
             except ValueError as exc:
                 raise QtoolError(f"{folder}: cannot dequantize {layer.fqn}: {exc}") from exc
             if not allow_nonfinite:
-                check_dequantized_finite(dense, f"{name}/{key}" if name else key)
+                check_dequantized_finite(dense, tensor_name(name, key))
             dtypes.add(str(dense.dtype).removeprefix("torch."))
             writer.add_group({key: dense.cpu()})
             progress.advance(sum(weights.tensors[k].nbytes for k in layer.entries.values()))

@@ -206,12 +206,12 @@ def transformers_keeps(fqn: str, patterns: list[str]) -> bool:
     return False
 
 
-def _unknown_class(library: str, version: str, class_name: str, names: list[str], folder: Path, config: dict):
+def _unknown_class(library: str, version: str, class_name: str, names: list[str], folder: Path):
     """The error for a config naming a class the installed library lacks, with the nearest names it has."""
     import difflib
 
     close = difflib.get_close_matches(class_name, names, n=3)
-    if config.get("auto_map"):
+    if read_json(folder / "config.json").get("auto_map"):
         hint = "its config.json asks for the model's own code (auto_map); qtool never runs code from a checkpoint"
     elif close:
         hint = f"did you mean {', '.join(close)}? Or upgrade {library} (pip install -U {library})"
@@ -224,14 +224,13 @@ def build_meta_model(library: str, class_name: str, folder: Path):
     """The model class instantiated on the meta device from the folder's config: structure only, no memory."""
     import torch
 
-    config = read_json(folder / "config.json")
     if library == "diffusers":
         import diffusers
 
         cls = getattr(diffusers, class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             names = [n for n in dir(diffusers) if n[:1].isupper()]
-            raise _unknown_class(library, diffusers.__version__, class_name, names, folder, config)
+            raise _unknown_class(library, diffusers.__version__, class_name, names, folder)
         with torch.device("meta"):
             return cls.from_config(cls.load_config(folder))
     import transformers
@@ -239,7 +238,7 @@ def build_meta_model(library: str, class_name: str, folder: Path):
     cls = getattr(transformers, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         names = [n for n in dir(transformers) if n[:1].isupper()]
-        raise _unknown_class(library, transformers.__version__, class_name, names, folder, config)
+        raise _unknown_class(library, transformers.__version__, class_name, names, folder)
     config = transformers.AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         return cls(config)

@@ -589,8 +589,8 @@ def _double_absmax(entries: dict) -> dict:
     return entries | {"weight.absmax": entries["weight.absmax"] * 2}
 
 
-def _swap_in_group(group: dict) -> dict:
-    """A writer defect: a quantized weight's absmax written as its neighbour's would be (scaled)."""
+def _double_absmax_in_group(group: dict) -> dict:
+    """A writer defect: every quantized weight's absmax written twice too large."""
     return {k: (v * 2 if k.endswith(".weight.absmax") else v) for k, v in group.items()}
 
 
@@ -605,7 +605,7 @@ def test_verification_reads_the_written_files_back(t5, work, monkeypatch):
     from qtool.io.writer import ShardedWriter
 
     original = ShardedWriter.add_group
-    monkeypatch.setattr(ShardedWriter, "add_group", lambda self, group: original(self, _swap_in_group(group)))
+    monkeypatch.setattr(ShardedWriter, "add_group", lambda self, group: original(self, _double_absmax_in_group(group)))
     line = refused("quantize", t5, work, "verification failed", "(as written)")
     assert T5_Q.removesuffix("q.weight") in line or "encoder.block.0" in line
 
