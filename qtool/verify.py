@@ -21,6 +21,7 @@ most half a float16 ulp of |w|. Each bound gets a float32 slack of a few ulps of
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,12 @@ def half_gap(table: torch.Tensor) -> float:
     """Half the largest gap between neighbouring entries of a codebook: the most nearest-rounding can be off."""
     values = torch.sort(table.float().cpu()).values
     return float((values[1:] - values[:-1]).max()) / 2
+
+
+@functools.cache
+def _half_gap_of(codebook: str) -> float:
+    # Once per codebook ("nf4", "fp4", "dynamic"), not once per layer.
+    return half_gap(dynamic_map() if codebook == "dynamic" else quant_map(codebook))
 
 
 def check_finite(weight: torch.Tensor, key: str, bits: int) -> None:
@@ -112,11 +119,11 @@ def _check_4bit(weight: torch.Tensor, entries: dict[str, torch.Tensor], restored
     absmax_err = (absmax - stored).abs()
     if state.double_quant:
         nested = state.nested_absmax.float().repeat_interleave(state.nested_blocksize)[: absmax.numel()]
-        allowed = half_gap(dynamic_map()) * nested + SLACK * (nested + abs(state.nested_offset) + absmax)
+        allowed = _half_gap_of("dynamic") * nested + SLACK * (nested + abs(state.nested_offset) + absmax)
     else:
         allowed = torch.zeros_like(absmax)  # bnb stores the float32 absmax itself
     _report(absmax_err, allowed, key, "absmax")
-    bound = half_gap(quant_map(state.quant_type)) * absmax + absmax_err + SLACK * absmax
+    bound = _half_gap_of(state.quant_type) * absmax + absmax_err + SLACK * absmax
     _report((blocks - _blocks(restored, state.blocksize)).abs(), bound[:, None], key, "weight")
 
 
