@@ -6,7 +6,9 @@ twins (``qtool.reference``). Both give the same bytes. Later stages (the checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Literal
 
@@ -56,6 +58,105 @@ def _ops(backend: str) -> dict:
     }
 
 
+# The key of the double-quant offset in PendingLayer.tensors; not an on-disk entry (it lives in the JSON blob).
+NESTED_OFFSET = "nested_offset"
+
+
+@dataclass
+class PendingLayer:
+    """One quantized layer before its entries are final: nothing here has waited for the GPU.
+
+    ``tensors`` are the layer's entries (on-disk names, relative to the module) except the quant-state blob, which
+    is JSON and needs ``nested_offset`` on the host; with double quant ``tensors[NESTED_OFFSET]`` is that offset, a
+    float32 0-d tensor on the weight's device. A pipeline copies ``tensors`` to the host (``to``), waits for the
+    copy, then calls ``entries``. ``restored`` dequantizes on the tensors' device, also without waiting.
+    """
+
+    bits: int
+    tensors: dict[str, torch.Tensor]
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    dtype: torch.dtype = torch.bfloat16
+    shape: tuple[int, ...] = ()
+    backend: str = "torch"
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PendingLayer:
+        moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()}
+        return dataclasses.replace(self, tensors=moved)
+
+    def _state(self, nested_offset) -> bnb4.QuantState4bit:
+        t = self.tensors
+        state = bnb4.QuantState4bit(
+            quant_type=self.quant_type,
+            blocksize=self.blocksize,
+            dtype=self.dtype,
+            shape=self.shape,
+            absmax=t["weight.absmax"],
+            quant_map=t["weight.quant_map"],
+        )
+        if NESTED_OFFSET in t:
+            state.nested_absmax = t["weight.nested_absmax"]
+            state.nested_quant_map = t["weight.nested_quant_map"]
+            state.nested_offset = nested_offset
+        return state
+
+    def entries(self) -> dict[str, torch.Tensor]:
+        """The bitsandbytes entries, blob included (reads the offset: call once the tensors are on the host)."""
+        if self.bits == 8:
+            return bnb8.encode(self.tensors["weight"], self.tensors["SCB"])
+        offset = self.tensors.get(NESTED_OFFSET)
+        return bnb4.encode(self.tensors["weight"], self._state(None if offset is None else offset.item()))
+
+    def restored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight in ``dtype`` on the tensors' device; queues work, never waits for it."""
+        ops = _ops(self.backend)
+        t = self.tensors
+        if self.bits == 8:
+            return ops["dequantize_8bit_rowwise"](t["weight"], t["SCB"], dtype=dtype)
+        state = self._state(t.get(NESTED_OFFSET))
+        return ops["dequantize_4bit"](
+            t["weight"], stored_absmax(state, backend=self.backend), state.quant_map,
+            blocksize=self.blocksize, shape=self.shape, dtype=dtype,
+        )  # fmt: skip
+
+
+def quantize_pending(
+    weight: torch.Tensor,
+    *,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = False,
+    blocksize: int = 64,
+    backend: Backend = "auto",
+) -> PendingLayer:
+    """``quantize_tensor`` without waiting for the device: the same arguments; see ``PendingLayer``."""
+    resolved = resolve_backend(backend, weight.device)
+    ops = _ops(resolved)
+    if bits == 8:
+        if quant_type != "nf4" or double_quant or blocksize != 64:
+            raise ValueError("quant_type, double_quant and blocksize apply to 4-bit only; 8-bit is row-wise")
+        weight_int8, scb = ops["quantize_8bit_rowwise"](weight)
+        return PendingLayer(8, {"weight": weight_int8, "SCB": scb}, shape=tuple(weight.shape), backend=resolved)
+    if bits != 4:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    packed, absmax = ops["quantize_4bit"](weight, quant_type=quant_type, blocksize=blocksize)
+    tensors = {
+        "weight": packed,
+        "weight.absmax": absmax,
+        "weight.quant_map": codebooks.quant_map(quant_type, weight.device),
+    }
+    if double_quant:
+        codes, nested_absmax, offset = ops["quantize_absmax"](absmax)
+        tensors["weight.absmax"] = codes
+        tensors["weight.nested_absmax"] = nested_absmax
+        tensors["weight.nested_quant_map"] = codebooks.dynamic_map(weight.device)
+        tensors[NESTED_OFFSET] = offset
+    return PendingLayer(
+        4, tensors, quant_type=quant_type, blocksize=blocksize, dtype=weight.dtype, shape=tuple(weight.shape),
+        backend=resolved,
+    )  # fmt: skip
+
+
 def quantize_tensor(
     weight: torch.Tensor,
     *,
@@ -70,7 +171,7 @@ def quantize_tensor(
     Args:
         weight: float32 / float16 / bfloat16. 4-bit takes any shape; 8-bit takes [N, K].
         bits: 4 (blockwise NF4/FP4, QLoRA) or 8 (LLM.int8 row-wise).
-        quant_type: "nf4" or "fp4" (4-bit only).
+        quant_type: "nf4" or "fp4".
         double_quant: also quantize the absmax to 8 bits (4-bit only; ~0.4 bits per parameter less).
         blocksize: elements per absmax, a power of two from 32 to 4096 (4-bit only; bnb's loaders use 64).
         backend: "triton", "torch" (the reference) or "auto" (Triton for CUDA tensors).
@@ -81,27 +182,9 @@ def quantize_tensor(
         ``weight.nested_quant_map``, and ``weight.quant_state.bitsandbytes__<quant_type>`` (JSON as uint8).
         8-bit: ``weight`` (int8 [N, K]), ``SCB`` (float32 [N]) and ``weight_format`` (uint8 0).
     """
-    ops = _ops(resolve_backend(backend, weight.device))
-    if bits == 8:
-        if quant_type != "nf4" or double_quant or blocksize != 64:
-            raise ValueError("quant_type, double_quant and blocksize apply to 4-bit only; 8-bit is row-wise")
-        return bnb8.encode(*ops["quantize_8bit_rowwise"](weight))
-    if bits != 4:
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    packed, absmax = ops["quantize_4bit"](weight, quant_type=quant_type, blocksize=blocksize)
-    state = bnb4.QuantState4bit(
-        quant_type=quant_type,
-        blocksize=blocksize,
-        dtype=weight.dtype,
-        shape=tuple(weight.shape),
-        absmax=absmax,
-        quant_map=codebooks.quant_map(quant_type, weight.device),
-    )
-    if double_quant:
-        state.absmax, state.nested_absmax, offset = ops["quantize_absmax"](absmax)
-        state.nested_quant_map = codebooks.dynamic_map(weight.device)
-        state.nested_offset = offset.item()
-    return bnb4.encode(packed, state)
+    return quantize_pending(
+        weight, bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, backend=backend
+    ).entries()
 
 
 def stored_absmax(state: bnb4.QuantState4bit, *, backend: Backend = "auto") -> torch.Tensor:
@@ -151,4 +234,4 @@ def dequantize_tensor(
     raise ValueError(f"not a bitsandbytes 4-bit or 8-bit layer: entries {sorted(entries)}")
 
 
-__all__ = ["quantize_tensor", "dequantize_tensor", "stored_absmax"]
+__all__ = ["quantize_tensor", "quantize_pending", "PendingLayer", "dequantize_tensor", "stored_absmax"]
