@@ -1,22 +1,27 @@
-"""Quantize / dequantize throughput of qtool's Triton kernels beside bitsandbytes and plain torch, one run.
+"""Quantize / dequantize throughput of qtool's Triton kernels beside bitsandbytes and plain torch, in one run.
 
-    python benchmarks/bench_codecs.py [--out benchmarks/results/codecs.csv] [--dry-run]
+    python benchmarks/bench_codecs.py [--out benchmarks/results/codecs.csv] [--sweep] [--dry-run]
 
-Effective bandwidth = (bytes read + bytes written) / median time of ``triton.testing.do_bench`` (which clears L2
-between repetitions). Shapes are the FLUX.1-dev transformer's Linear weights and one LLM MLP, bf16. Each row of the
-CSV names the GPU, the library versions and the git commit. A device-to-device copy of the same input is timed in
-the same run as the ceiling.
+Each op is timed at the level bitsandbytes offers it (``bitsandbytes.functional``): tensors in, tensors out on the
+GPU, no file format. Effective bandwidth = (bytes read + bytes written) / median time of
+``triton.testing.do_bench``, which clears L2 before every repetition; the bytes are the op's essential traffic
+(each input read once, each output written once). Shapes: the FLUX.1-dev transformer's Linear weights and one LLM
+MLP, bf16. A device-to-device copy of the same input is timed in the same run as the ceiling. Before timing, each
+qtool output is compared with the PyTorch reference on the same GPU (bit for bit); a mismatch stops the run.
+
+``--sweep`` times every tile / warp configuration in ``SWEEP`` instead and writes benchmarks/results/sweep.csv:
+that is where the kernels' GPU defaults come from.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
-import subprocess
+import itertools
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results  # noqa: E402
 
 SHAPES = {
     "flux_attn": (3072, 3072),
@@ -26,132 +31,189 @@ SHAPES = {
     "flux_single_out": (3072, 15360),
     "llm_mlp": (14336, 4096),
 }
-COLUMNS = [
-    "op", "provider", "shape_name", "N", "K", "dtype", "quant_type", "double_quant", "ms_p50", "ms_p20", "ms_p80",
-    "bytes_moved", "gbps", "gpu_name", "torch", "triton", "bnb", "qtool_git_sha", "timestamp",
-]  # fmt: skip
+# (op, quant_type, double_quant) for every shape.
+CASES = [
+    *(("quantize_4bit", qt, dq) for qt in ("nf4", "fp4") for dq in (False, True)),
+    ("dequantize_4bit", "nf4", False),
+    ("dequantize_4bit", "nf4", True),
+    ("quantize_8bit", "", False),
+    ("dequantize_8bit", "", False),
+]
+# Configurations tried by --sweep: (tile = elements per program, num_warps).
+SWEEP = {
+    "quantize_4bit": list(itertools.product((512, 1024, 2048, 4096, 8192), (1, 2, 4, 8))),
+    "dequantize_4bit": list(itertools.product((1024, 2048, 4096, 8192, 16384), (2, 4, 8))),
+    "quantize_8bit": list(itertools.product((4096, 8192, 16384, 32768), (4, 8, 16))),
+    "dequantize_8bit": list(itertools.product((2048, 4096, 8192, 16384), (2, 4, 8))),
+}
 
 
-def git_sha() -> str:
-    # The device machine gets the working tree without .git: the caller passes QTOOL_GIT_SHA there.
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        sha = ""
-    return sha or os.environ.get("QTOOL_GIT_SHA", "unknown")
+def traffic(op: str, n: int, k: int, double_quant: bool) -> int:
+    """Essential bytes of an op on a bf16 [n, k] weight with blocksize 64."""
+    numel, nblocks = n * k, n * k // 64
+    scales = nblocks + 4 * -(-nblocks // 256) if double_quant else 4 * nblocks
+    return {
+        "quantize_4bit": 2 * numel + numel // 2 + scales,
+        "dequantize_4bit": numel // 2 + scales + 2 * numel,
+        "quantize_8bit": 2 * numel + numel + 4 * n,
+        "dequantize_8bit": numel + 4 * n + 2 * numel,
+        "copy": 4 * numel,
+    }[op]
 
 
-def cases():
-    """(op, quant_type, double_quant) triples benchmarked for every shape."""
-    for quant_type in ("nf4", "fp4"):
-        for double_quant in (False, True):
-            yield "quantize_4bit", quant_type, double_quant
-    yield "dequantize_4bit", "nf4", False
-    yield "dequantize_4bit", "nf4", True
-    yield "quantize_8bit", "", False
-    yield "dequantize_8bit", "", False
+def describe(quant_type: str, double_quant: bool) -> str:
+    return " ".join(x for x in (quant_type, "double_quant" if double_quant else "") if x)
+
+
+class Ops:
+    """The timed callables of each provider for one weight."""
+
+    def __init__(self, w):
+        import torch
+
+        from qtool.kernels import double_quant, quant_4bit, quant_8bit
+        from qtool.reference.codebooks import dynamic_map, quant_map
+
+        self.torch, self.w = torch, w
+        self.q4, self.dq, self.q8 = quant_4bit, double_quant, quant_8bit
+        self.quant_map, self.dynamic_map = quant_map, dynamic_map
+        try:
+            import bitsandbytes.functional as bnb_f
+        except ImportError:
+            bnb_f = None
+        self.bnb = bnb_f
+
+    def qtool(self, op: str, quant_type: str, double_quant: bool, **config):
+        """A zero-argument callable running qtool's op (inputs prepared here, outside the timing)."""
+        w, q4, dq, q8 = self.w, self.q4, self.dq, self.q8
+        if op == "quantize_4bit":
+
+            def run():
+                packed, absmax = q4.quantize_4bit(w, quant_type=quant_type, **config)
+                return (packed, *dq.quantize_absmax(absmax)) if double_quant else (packed, absmax)
+
+            return run
+        if op == "dequantize_4bit":
+            packed, absmax = q4.quantize_4bit(w, quant_type=quant_type)
+            qmap = self.quant_map(quant_type, w.device)
+            if not double_quant:
+                return lambda: q4.dequantize_4bit(
+                    packed, absmax, qmap, blocksize=64, shape=w.shape, dtype=w.dtype, **config
+                )
+            codes, nested_absmax, offset = dq.quantize_absmax(absmax)
+            nested = {"nested_absmax": nested_absmax, "nested_quant_map": self.dynamic_map(w.device)}
+            return lambda: q4.dequantize_4bit(
+                packed,
+                codes,
+                qmap,
+                blocksize=64,
+                shape=w.shape,
+                dtype=w.dtype,
+                nested_offset=offset,
+                **nested,
+                **config,
+            )
+        if op == "quantize_8bit":
+            return lambda: q8.quantize_8bit_rowwise(w, **config)
+        q, scb = q8.quantize_8bit_rowwise(w)
+        return lambda: q8.dequantize_8bit_rowwise(q, scb, dtype=w.dtype, **config)
+
+    def bnb_op(self, op: str, quant_type: str, double_quant: bool):
+        F, w = self.bnb, self.w  # noqa: N806
+        if F is None:
+            return None
+        if op == "quantize_4bit":
+            return lambda: F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+        if op == "dequantize_4bit":
+            packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+            return lambda: F.dequantize_4bit(packed, state)
+        if op == "quantize_8bit":
+            # bnb's Int8Params quantizes the float16 cast; qtool's kernel casts inside.
+            return lambda: F.int8_vectorwise_quant(w.half())
+        q, scb = F.int8_vectorwise_quant(w.half())[:2]
+        return lambda: F.int8_vectorwise_dequant(q, scb).to(self.torch.bfloat16)
+
+    def check(self, op: str, quant_type: str, double_quant: bool) -> None:
+        """qtool's outputs equal the PyTorch reference's on this GPU, bit for bit (raises otherwise)."""
+        import qtool
+
+        torch, w = self.torch, self.w
+        kwargs = {"bits": 8} if op.endswith("8bit") else {"quant_type": quant_type, "double_quant": double_quant}
+        if op.startswith("quantize"):
+            got = qtool.quantize_tensor(w, backend="triton", **kwargs)
+            want = qtool.quantize_tensor(w, backend="torch", **kwargs)
+        else:
+            entries = qtool.quantize_tensor(w, backend="torch", **kwargs)
+            got = {"w": qtool.dequantize_tensor(entries, dtype=w.dtype, backend="triton")}
+            want = {"w": qtool.dequantize_tensor(entries, dtype=w.dtype, backend="torch")}
+        for key in want:
+            a, b = got[key], want[key]
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                raise SystemExit(f"{op} {describe(quant_type, double_quant)} {tuple(w.shape)}: {key} differs")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("QTOOL_BENCH_OUT", "benchmarks/results/codecs.csv"))
-    parser.add_argument("--dry-run", action="store_true", help="List the shapes and cases, run nothing.")
+    parser.add_argument(
+        "--out", type=Path, help="CSV to append to (default benchmarks/results/codecs.csv or sweep.csv)"
+    )
+    parser.add_argument("--sweep", action="store_true", help="time every tile/warp configuration (kernel tuning)")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
+    parser.add_argument("--dry-run", action="store_true", help="list the shapes and cases, run nothing")
     args = parser.parse_args()
+    shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    out = args.out or _results.RESULTS / ("sweep.csv" if args.sweep else "codecs.csv")
     if args.dry_run:
-        for name, (n, k) in SHAPES.items():
-            print(name, n, k, [c for c in cases()])
+        for name, (n, k) in shapes.items():
+            for op, qt, dq in CASES:
+                configs = len(SWEEP[op]) if args.sweep else 1
+                print(f"{name} {n}x{k} {op} {describe(qt, dq)}: {configs} config(s), {traffic(op, n, k, dq)} bytes")
+        print(f"-> {out}")
         return
 
     import torch
-    import triton
     import triton.testing
 
-    import qtool
+    rows: list[dict] = []
 
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as F
-    except ImportError:
-        bnb = F = None
-    versions = {
-        "gpu_name": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "bnb": bnb.__version__ if bnb else "",
-        "qtool_git_sha": git_sha(),
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    rows = []
-
-    def bench(op, provider, name, n, k, quant_type, double_quant, fn, nbytes):
+    def bench(op, provider, shape, notes, fn, nbytes):
         p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        rows.append(
-            {"op": op, "provider": provider, "shape_name": name, "N": n, "K": k, "dtype": "bf16",
-             "quant_type": quant_type, "double_quant": double_quant, "ms_p50": f"{p50:.5f}", "ms_p20": f"{p20:.5f}",
-             "ms_p80": f"{p80:.5f}", "bytes_moved": nbytes, "gbps": f"{nbytes / p50 / 1e6:.1f}", **versions}
-        )  # fmt: skip
-        print(f"{op:16s} {provider:13s} {name:16s} {quant_type:4s} dq={int(double_quant)} {p50 * 1e3:8.1f} us "
-              f"{nbytes / p50 / 1e6:8.1f} GB/s", flush=True)  # fmt: skip
+        us = [round(v * 1e3, 2) for v in (p50, p20, p80)]
+        rows.append(_results.row(op, provider, shape, "time", "us", us[0], p20=us[1], p80=us[2], notes=notes))
+        rows.append(_results.row(op, provider, shape, "bandwidth", "TB/s", round(nbytes / p50 / 1e9, 3), notes=notes))
+        print(
+            f"{op:16s} {provider:6s} {shape:11s} {notes:17s} {us[0]:9.1f} us {nbytes / p50 / 1e9:6.2f} TB/s", flush=True
+        )
+        return p50
 
-    def run_shape(name: str, n: int, k: int) -> None:
+    def run_shape(n: int, k: int) -> None:
+        shape = f"{n}x{k}"
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        numel = w.numel()
-        out = torch.empty_like(w)
-        bench("copy", "torch", name, n, k, "", False, lambda: out.copy_(w), 2 * numel * 2)
-        for op, quant_type, double_quant in cases():
-            if op == "quantize_4bit":
-                nblocks = numel // 64
-                # read bf16; write packed codes + absmax (fp32, or uint8 + nested with double quant)
-                nbytes = 2 * numel + numel // 2 + (nblocks if double_quant else 4 * nblocks)
+        ops = Ops(w)
+        if not args.sweep:
+            out_copy = torch.empty_like(w)
+            bench("copy", "torch", shape, "", lambda: out_copy.copy_(w), traffic("copy", n, k, False))
+        for op, quant_type, double_quant in CASES:
+            notes, nbytes = describe(quant_type, double_quant), traffic(op, n, k, double_quant)
+            if args.sweep:
+                for tile, warps in SWEEP[op]:
+                    bench(op, "qtool", shape, f"{notes} tile={tile} warps={warps}".strip(),
+                          ops.qtool(op, quant_type, double_quant, tile=tile, num_warps=warps), nbytes)  # fmt: skip
+                continue
+            ops.check(op, quant_type, double_quant)
+            ours = bench(op, "qtool", shape, notes, ops.qtool(op, quant_type, double_quant), nbytes)
+            theirs_fn = ops.bnb_op(op, quant_type, double_quant)
+            if theirs_fn is not None:
+                theirs = bench(op, "bnb", shape, notes, theirs_fn, nbytes)
+                rows.append(
+                    _results.row(op, "qtool", shape, "speedup_vs_bnb", "x", round(theirs / ours, 2), notes=notes)
+                )
 
-                def ours(qt=quant_type, dq=double_quant):
-                    return qtool.quantize_tensor(w, quant_type=qt, double_quant=dq)
-
-                bench(op, "qtool-triton", name, n, k, quant_type, double_quant, ours, nbytes)
-                if F:
-                    bench(op, "bnb", name, n, k, quant_type, double_quant,
-                          lambda qt=quant_type, dq=double_quant: F.quantize_4bit(w, blocksize=64, quant_type=qt,
-                                                                                 compress_statistics=dq),
-                          nbytes)  # fmt: skip
-            elif op == "dequantize_4bit":
-                entries = qtool.quantize_tensor(w, quant_type=quant_type, double_quant=double_quant)
-                nblocks = numel // 64
-                nbytes = numel // 2 + (nblocks if double_quant else 4 * nblocks) + 2 * numel
-                bench(op, "qtool-triton", name, n, k, quant_type, double_quant,
-                      lambda e=entries: qtool.dequantize_tensor(e), nbytes)  # fmt: skip
-                if F:
-                    packed, state = F.quantize_4bit(w, blocksize=64, quant_type=quant_type,
-                                                    compress_statistics=double_quant)  # fmt: skip
-                    bench(op, "bnb", name, n, k, quant_type, double_quant,
-                          lambda p=packed, s=state: F.dequantize_4bit(p, s), nbytes)  # fmt: skip
-            elif op == "quantize_8bit":
-                nbytes = 2 * numel + numel + 4 * n
-                bench(op, "qtool-triton", name, n, k, "", False, lambda: qtool.quantize_tensor(w, bits=8), nbytes)
-                if F:
-                    bench(op, "bnb", name, n, k, "", False, lambda: F.int8_vectorwise_quant(w.half()), nbytes)
-            else:
-                entries = qtool.quantize_tensor(w, bits=8)
-                nbytes = numel + 4 * n + 2 * numel
-                bench(op, "qtool-triton", name, n, k, "", False,
-                      lambda e=entries: qtool.dequantize_tensor(e, dtype=torch.bfloat16), nbytes)  # fmt: skip
-                if F:
-                    bench(op, "bnb", name, n, k, "", False,
-                          lambda e=entries: F.int8_vectorwise_dequant(e["weight"], e["SCB"]).to(torch.bfloat16),
-                          nbytes)  # fmt: skip
-
-    for name, (n, k) in SHAPES.items():
-        run_shape(name, n, k)
+    for n, k in shapes.values():
+        run_shape(n, k)
         torch.cuda.empty_cache()
-
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
+    _results.append(out, rows)
+    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,14 @@ def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def device_scalar(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """value as a float32 [1] tensor on device, without a host sync: a tensor is copied on the device, a Python
+    float is filled in by a kernel (a host-to-device copy from pageable memory would wait for the stream)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float32).reshape(1)
+    return torch.full((1,), float(value), dtype=torch.float32, device=device)
+
+
 def launch_options() -> dict:
     """Keyword options for every codec launch.
 
@@ -48,6 +56,11 @@ def launch_options() -> dict:
     a fused multiply-add changes the last bit (e.g. the double-quant absmax rebuild). The interpreter never fuses.
     """
     return {} if INTERPRETING else {"enable_fp_fusion": False}
+
+
+def warps_option(num_warps: int | None, default: int) -> dict:
+    """The ``num_warps`` launch option (GPU only: the interpreter runs a program as one whole-tile step)."""
+    return {} if INTERPRETING else {"num_warps": num_warps or default}
 
 
 def output_view(out: torch.Tensor) -> torch.Tensor:

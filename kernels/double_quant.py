@@ -15,7 +15,7 @@ import triton.language as tl
 
 from qtool.reference.codebooks import NESTED_BLOCKSIZE, dynamic_map
 
-from ._common import check_device, device_guard, launch_options
+from ._common import check_device, device_guard, device_scalar, launch_options
 
 # absmax values per program; an FP4/NF4 weight of 56M elements has 0.9M absmax values -> 220 programs.
 DEFAULT_TILE = 4096
@@ -28,7 +28,7 @@ def _quantize_absmax_kernel(
     codes_ptr,  # *u8 [nblocks], stored as weight.absmax
     nested_absmax_ptr,  # *fp32 [nnested]
     code_ptr,  # *fp32 [256], the sorted dynamic map
-    offset,  # fp32, mean of absmax
+    offset_ptr,  # *fp32 [1], the mean of absmax (read here: the launcher never waits for it)
     # sizes
     nblocks,
     nnested,
@@ -42,7 +42,7 @@ def _quantize_absmax_kernel(
     offs_b = pid * NESTED + tl.arange(0, NESTED)
     offs = offs_b[:, None] * NBLOCK + tl.arange(0, NBLOCK)[None, :]  # [NESTED, NBLOCK]
     mask = offs < nblocks
-    a = tl.where(mask, tl.load(absmax_ptr + offs, mask=mask, other=0.0) - offset, 0.0)
+    a = tl.where(mask, tl.load(absmax_ptr + offs, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0)
     nested_absmax = tl.max(tl.where(a != a, 0.0, tl.abs(a)), axis=1)  # NaN ignored (abs_ignoring_nan)
     recip = tl.math.div_rn(tl.full([NESTED], 1.0, tl.float32), nested_absmax)
     x = a * recip[:, None]
@@ -78,7 +78,7 @@ def _dequantize_absmax_kernel(
     nested_absmax_ptr,  # *fp32 [nnested]
     code_ptr,  # *fp32 [256], the stored nested_quant_map
     out_ptr,  # *fp32 [nblocks]
-    offset,  # fp32
+    offset_ptr,  # *fp32 [1]
     nblocks,
     NBLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -88,7 +88,7 @@ def _dequantize_absmax_kernel(
     mask = offs < nblocks
     c = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
     scale = tl.load(nested_absmax_ptr + offs // NBLOCK, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, tl.load(code_ptr + c) * scale + offset, mask=mask)
+    tl.store(out_ptr + offs, tl.load(code_ptr + c) * scale + tl.load(offset_ptr), mask=mask)
 
 
 def quantize_absmax(
@@ -96,7 +96,8 @@ def quantize_absmax(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of ``qtool.reference.double_quant.quantize_absmax_ref``.
 
-    Returns ``(absmax_codes, nested_absmax, nested_offset)``: uint8 [nblocks], float32 [nnested], float32 0-d.
+    Returns ``(absmax_codes, nested_absmax, nested_offset)``: uint8 [nblocks], float32 [nnested], float32 0-d, all
+    on absmax's device. Never waits for the GPU.
     """
     if absmax.dtype != torch.float32 or absmax.dim() != 1 or absmax.numel() == 0:
         raise ValueError(f"absmax must be a non-empty 1-D float32 tensor, got {absmax.dtype} {tuple(absmax.shape)}")
@@ -116,7 +117,7 @@ def quantize_absmax(
             codes,
             nested_absmax,
             dynamic_map(absmax.device),
-            nested_offset.item(),
+            nested_offset.reshape(1),
             nblocks,
             nnested,
             NBLOCK=nested_blocksize,
@@ -135,7 +136,8 @@ def dequantize_absmax(
     nested_blocksize: int = NESTED_BLOCKSIZE,
     tile: int | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``qtool.reference.double_quant.dequantize_absmax_ref``: float32 [nblocks]."""
+    """Triton twin of ``qtool.reference.double_quant.dequantize_absmax_ref``: float32 [nblocks]. Never waits for the
+    GPU (a tensor ``nested_offset`` is read on the device)."""
     check_device(absmax_codes, nested_absmax, nested_quant_map)
     codes = absmax_codes.reshape(-1).contiguous()
     nblocks = codes.numel()
@@ -147,7 +149,7 @@ def dequantize_absmax(
             nested_absmax.to(torch.float32).contiguous(),
             nested_quant_map.to(torch.float32).contiguous(),
             out,
-            float(nested_offset),
+            device_scalar(nested_offset, codes.device),
             nblocks,
             NBLOCK=nested_blocksize,
             BLOCK_SIZE=block,

@@ -14,14 +14,28 @@ import torch
 import triton
 import triton.language as tl
 
-from qtool.reference.codebooks import fp4_thresholds, nf4_midpoints
-from qtool.reference.quant4 import check_4bit_args
+from qtool.reference.codebooks import NESTED_BLOCKSIZE, fp4_thresholds, nf4_midpoints
+from qtool.reference.quant4 import check_4bit_args, check_4bit_layout, check_nested
 
-from ._common import bf16_bits, check_device, device_guard, launch_options, output_view, store_rounded
+from ._common import (
+    INTERPRETING,
+    bf16_bits,
+    check_device,
+    device_guard,
+    device_scalar,
+    launch_options,
+    output_view,
+    store_rounded,
+    warps_option,
+)
 
-# Elements per program when the caller gives no tile. 16K elements keeps an interpreted 1M-element tensor at 64
-# programs (~0.5 s, cpu-testing.md §2.3); on the GPU it is a starting point that issue #7 tunes.
-DEFAULT_TILE = 16384
+# Elements per program and warps per program when the caller gives none. In the interpreter 16K elements keeps a
+# 1M-element tensor at 64 programs (~0.5 s, cpu-testing.md §2.3); on the GPU the values were chosen by
+# benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
+QUANTIZE_TILE = 16384 if INTERPRETING else 2048
+QUANTIZE_WARPS = 4
+DEQUANTIZE_TILE = 16384 if INTERPRETING else 4096
+DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
@@ -78,9 +92,31 @@ def _fp4_code(s, thr_ptr):
 
 
 @triton.jit
+def _load_pairs(w_ptr, offs_p, n, PAIRS: tl.constexpr, IS_BF16: tl.constexpr):
+    """Elements 2j and 2j+1 of the flattened weight for every pair index j in offs_p, as float32; past n: 0.0.
+
+    With PAIRS, w_ptr is an int32 view of a 16-bit weight of even numel: one 32-bit load per pair, element 2j in the
+    low half (little-endian). Widening bf16/fp16 to float32 is exact, so both paths give the same values.
+    """
+    if PAIRS:
+        w = tl.load(w_ptr + offs_p, mask=offs_p < n // 2, other=0)
+        if IS_BF16:
+            even = (w << 16).to(tl.float32, bitcast=True)
+            odd = ((w >> 16) << 16).to(tl.float32, bitcast=True)
+        else:
+            even = ((w << 16) >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            odd = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        e = 2 * offs_p
+        even = tl.load(w_ptr + e, mask=e < n, other=0.0).to(tl.float32)
+        odd = tl.load(w_ptr + e + 1, mask=e + 1 < n, other=0.0).to(tl.float32)
+    return even, odd
+
+
+@triton.jit
 def _quantize_4bit_kernel(
     # pointers
-    w_ptr,  # *fp32|fp16|bf16 [n], the flattened weight
+    w_ptr,  # *fp32|fp16|bf16 [n], the flattened weight, or *i32 [n / 2] with PAIRS
     packed_ptr,  # *u8 [(n + 1) // 2], two codes per byte, element 2j in the high nibble
     absmax_ptr,  # *fp32 [nblocks]
     thr_ptr,  # *fp32, NF4 midpoints [15] or FP4 magnitude thresholds [7]
@@ -90,71 +126,121 @@ def _quantize_4bit_kernel(
     # format constexprs
     QBLOCK: tl.constexpr,  # quantization blocksize
     IS_NF4: tl.constexpr,
+    # layout constexprs
+    PAIRS: tl.constexpr,  # w_ptr is an int32 view (16-bit weight, even numel)
+    IS_BF16: tl.constexpr,
     # tile constexprs
     BLOCKS: tl.constexpr,  # quantization blocks per program
 ):
-    # One program: BLOCKS quantization blocks -> their absmax and BLOCKS * QBLOCK / 2 packed bytes.
+    # One program: BLOCKS quantization blocks -> their absmax and BLOCKS * QBLOCK / 2 packed bytes. Each byte is a
+    # pair of elements, so the tile is [BLOCKS, QBLOCK / 2] pairs: codes pack without moving data between threads.
     pid = tl.program_id(0).to(tl.int64)
     offs_b = pid * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
-    offs = offs_b[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]  # [BLOCKS, QBLOCK]
+    offs_p = offs_b[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]  # [BLOCKS, QBLOCK / 2]
     # Elements past n read as 0.0: the odd element's pad nibble is the code of 0, as bnb CUDA writes it.
-    x = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    absmax = tl.max(tl.where(x != x, 0.0, tl.abs(x)), axis=1)  # [BLOCKS]; NaN ignored (abs_ignoring_nan)
+    even, odd = _load_pairs(w_ptr, offs_p, n, PAIRS, IS_BF16)
+    # NaN ignored (abs_ignoring_nan)
+    pair_max = tl.maximum(tl.where(even != even, 0.0, tl.abs(even)), tl.where(odd != odd, 0.0, tl.abs(odd)))
+    absmax = tl.max(pair_max, axis=1)  # [BLOCKS]
     # IEEE-rounded reciprocal, as the reference (torch.reciprocal) computes it; 1 / 0 = inf.
-    recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)
-    s = x * recip[:, None]
+    recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)[:, None]
     if IS_NF4:
-        codes = _nf4_code(s, thr_ptr)
+        hi = _nf4_code(even * recip, thr_ptr)
+        lo = _nf4_code(odd * recip, thr_ptr)
     else:
-        codes = _fp4_code(s, thr_ptr)
-    hi, lo = tl.split(tl.reshape(codes, [BLOCKS, QBLOCK // 2, 2]))  # even elements, odd elements
-    packed = ((hi << 4) | lo).to(tl.uint8)
-    offs_p = offs_b[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]
-    tl.store(packed_ptr + offs_p, packed, mask=offs_p < (n + 1) // 2)
+        hi = _fp4_code(even * recip, thr_ptr)
+        lo = _fp4_code(odd * recip, thr_ptr)
+    tl.store(packed_ptr + offs_p, ((hi << 4) | lo).to(tl.uint8), mask=offs_p < (n + 1) // 2)
     tl.store(absmax_ptr + offs_b, absmax, mask=offs_b < nblocks)
+
+
+@triton.jit
+def _bf16_bits(x, BY_HAND: tl.constexpr):
+    """The bf16 bit pattern of float32 x, rounded to nearest even, as int32 in [0, 65535]. BY_HAND in the
+    interpreter, whose fp32 -> bf16 cast truncates (cpu-testing.md §2.2); x is finite there."""
+    if BY_HAND:
+        b = x.to(tl.uint32, bitcast=True)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int32)
+    return x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
 
 @triton.jit
 def _dequantize_4bit_kernel(
     # pointers
     packed_ptr,  # *u8 [(n + 1) // 2]
-    absmax_ptr,  # *fp32 [nblocks]
+    absmax_ptr,  # *fp32 [nblocks], or *u8 codes [nblocks] with NESTED
     qmap_ptr,  # *fp32 [16], the stored quant_map
-    out_ptr,  # *fp32|fp16|bf16 [n] (an int16 view of bf16 under the interpreter)
+    nested_absmax_ptr,  # *fp32 [ceil(nblocks / NBLOCK)] (NESTED only)
+    nested_map_ptr,  # *fp32 [256], the stored nested_quant_map (NESTED only)
+    offset_ptr,  # *fp32 [1], nested_offset (NESTED only)
+    out_ptr,  # *fp32|fp16|bf16 [n]; *i32 [n / 2] with PAIRS; an int16 view of bf16 under the interpreter otherwise
     # sizes
     n,
     nblocks,
     # format constexprs
     QBLOCK: tl.constexpr,
+    NESTED: tl.constexpr,  # double quant: rebuild each absmax from its code here, as dequantize_absmax does
+    NBLOCK: tl.constexpr,  # nested blocksize
+    # layout constexprs
+    PAIRS: tl.constexpr,  # store two 16-bit outputs per int32 (16-bit output, even numel)
+    IS_BF16: tl.constexpr,
+    BF16_BITS: tl.constexpr,  # round to bf16 by hand (interpreter only)
     # tile constexprs
     BLOCKS: tl.constexpr,
-    BF16_BITS: tl.constexpr,  # round to bf16 by hand (interpreter only)
 ):
-    # One program: BLOCKS quantization blocks -> BLOCKS * QBLOCK output elements.
+    # One program: BLOCKS quantization blocks -> BLOCKS * QBLOCK output elements, one byte (two elements) at a time.
     pid = tl.program_id(0).to(tl.int64)
     offs_b = pid * BLOCKS + tl.arange(0, BLOCKS)
+    mask_b = offs_b < nblocks
     offs_p = offs_b[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]  # [BLOCKS, QBLOCK / 2]
     p = tl.load(packed_ptr + offs_p, mask=offs_p < (n + 1) // 2, other=0).to(tl.int32)
-    absmax = tl.load(absmax_ptr + offs_b, mask=offs_b < nblocks, other=0.0)
-    hi = tl.load(qmap_ptr + (p >> 4)) * absmax[:, None]
-    lo = tl.load(qmap_ptr + (p & 15)) * absmax[:, None]
-    x = tl.interleave(hi, lo)  # [BLOCKS, QBLOCK], element 2j from the high nibble
-    offs = offs_b[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-    store_rounded(out_ptr + offs, x, offs < n, BF16_BITS)
+    if NESTED:
+        # Multiply, then add: two roundings (launched without fp fusion), as the reference.
+        c = tl.load(absmax_ptr + offs_b, mask=mask_b, other=0).to(tl.int32)
+        scale = tl.load(nested_absmax_ptr + offs_b // NBLOCK, mask=mask_b, other=0.0)
+        absmax = tl.load(nested_map_ptr + c) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + offs_b, mask=mask_b, other=0.0)
+    hi = tl.load(qmap_ptr + (p >> 4)) * absmax[:, None]  # element 2j
+    lo = tl.load(qmap_ptr + (p & 15)) * absmax[:, None]  # element 2j + 1
+    if PAIRS:
+        if IS_BF16:
+            word = _bf16_bits(hi, BF16_BITS) | (_bf16_bits(lo, BF16_BITS) << 16)
+        else:
+            hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            word = hi16 | (lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
+        tl.store(out_ptr + offs_p, word, mask=offs_p < n // 2)
+    else:
+        x = tl.interleave(hi, lo)  # [BLOCKS, QBLOCK], element 2j from the high nibble
+        offs = offs_b[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        store_rounded(out_ptr + offs, x, offs < n, BF16_BITS)
 
 
-def _blocks_per_program(blocksize: int, nblocks: int, tile: int | None) -> int:
-    per = max(1, (tile or DEFAULT_TILE) // blocksize)
+def _pairs_view(t: torch.Tensor) -> torch.Tensor | None:
+    """t (flat, contiguous, 16-bit) as int32 pairs, or None where that view is impossible (odd numel, misaligned)."""
+    if t.dtype not in (torch.bfloat16, torch.float16) or t.numel() % 2 or t.data_ptr() % 4:
+        return None
+    return t.view(torch.int32)
+
+
+def _blocks_per_program(blocksize: int, nblocks: int, tile: int | None, default: int) -> int:
+    per = max(1, (tile or default) // blocksize)
     # A power of two no larger than needed: small tensors launch one small program.
     return min(triton.next_power_of_2(per), triton.next_power_of_2(nblocks))
 
 
 def quantize_4bit(
-    weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = 64, tile: int | None = None
+    weight: torch.Tensor,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    tile: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``qtool.reference.quant4.quantize_4bit_ref``; ``tile`` is elements per program.
+    """Triton twin of ``qtool.reference.quant4.quantize_4bit_ref``; ``tile`` is elements per program and
+    ``num_warps`` warps per program (GPU only; both default to the configuration tuned on an H100).
 
-    Returns ``(packed, absmax)``: uint8 [(n + 1) // 2, 1] and float32 [ceil(n / blocksize)].
+    Returns ``(packed, absmax)``: uint8 [(n + 1) // 2, 1] and float32 [ceil(n / blocksize)]. Never waits for the GPU.
     """
     check_4bit_args(weight, quant_type, blocksize)
     check_device(weight)
@@ -164,11 +250,12 @@ def quantize_4bit(
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
     thresholds = nf4_midpoints(w.device) if quant_type == "nf4" else fp4_thresholds(w.device)
-    blocks = _blocks_per_program(blocksize, nblocks, tile)
+    pairs = _pairs_view(w)
+    blocks = _blocks_per_program(blocksize, nblocks, tile, QUANTIZE_TILE)
     grid = (triton.cdiv(nblocks, blocks),)
     with device_guard(w):
         _quantize_4bit_kernel[grid](
-            w,
+            w if pairs is None else pairs,
             packed,
             absmax,
             thresholds,
@@ -176,7 +263,10 @@ def quantize_4bit(
             nblocks,
             QBLOCK=blocksize,
             IS_NF4=quant_type == "nf4",
+            PAIRS=pairs is not None,
+            IS_BF16=w.dtype == torch.bfloat16,
             BLOCKS=blocks,
+            **warps_option(num_warps, QUANTIZE_WARPS),
             **launch_options(),
         )
     return packed, absmax
@@ -190,32 +280,56 @@ def dequantize_4bit(
     blocksize: int,
     shape: tuple[int, ...] | torch.Size,
     dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | float | None = None,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
     tile: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``qtool.reference.quant4.dequantize_4bit_ref``: returns ``shape`` in ``dtype``."""
+    """Triton twin of ``qtool.reference.quant4.dequantize_4bit_ref``: returns ``shape`` in ``dtype``.
+
+    With ``nested_absmax``, ``absmax`` holds the double-quant codes and each absmax is rebuilt in the same kernel.
+    Never waits for the GPU (a tensor ``nested_offset`` is read on the device).
+    """
     n = math.prod(shape)
     nblocks = math.ceil(n / blocksize)
     p = packed.reshape(-1).view(torch.uint8)
-    if p.numel() != (n + 1) // 2 or absmax.numel() != nblocks:
-        raise ValueError(
-            f"packed has {p.numel()} bytes and absmax {absmax.numel()} blocks; shape {tuple(shape)} with blocksize "
-            f"{blocksize} needs {(n + 1) // 2} and {nblocks}"
-        )
+    check_4bit_layout(p, absmax, n, blocksize, shape)
     check_device(p, absmax, quant_map)
+    nested = nested_absmax is not None
+    if nested:
+        check_nested(absmax, nested_absmax, nested_quant_map, nested_offset, nested_blocksize)
+        check_device(nested_absmax, nested_quant_map)
+        offset = device_scalar(nested_offset, p.device)
+        nested_args = (
+            nested_absmax.to(torch.float32).contiguous(),
+            nested_quant_map.to(torch.float32).contiguous(),
+            offset,
+        )
+    else:
+        nested_args = (absmax, absmax, absmax)  # unused placeholders
     out = torch.empty(shape, dtype=dtype, device=p.device)
-    blocks = _blocks_per_program(blocksize, nblocks, tile)
+    pairs = _pairs_view(out.view(-1))
+    blocks = _blocks_per_program(blocksize, nblocks, tile, DEQUANTIZE_TILE)
     grid = (triton.cdiv(nblocks, blocks),)
     with device_guard(p):
         _dequantize_4bit_kernel[grid](
             p.contiguous(),
-            absmax.to(torch.float32).contiguous(),
+            absmax.contiguous() if nested else absmax.to(torch.float32).contiguous(),
             quant_map.to(torch.float32).contiguous(),
-            output_view(out),
+            *nested_args,
+            output_view(out) if pairs is None else pairs,
             n,
             nblocks,
             QBLOCK=blocksize,
-            BLOCKS=blocks,
+            NESTED=nested,
+            NBLOCK=nested_blocksize,
+            PAIRS=pairs is not None,
+            IS_BF16=dtype == torch.bfloat16,
             BF16_BITS=bf16_bits(out),
+            BLOCKS=blocks,
+            **warps_option(num_warps, DEQUANTIZE_WARPS),
             **launch_options(),
         )
     return out

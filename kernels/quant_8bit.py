@@ -12,14 +12,38 @@ import triton.language as tl
 
 from qtool.reference.quant8 import INV_127, check_8bit_args
 
-from ._common import bf16_bits, check_device, device_guard, launch_options, output_view, store_rounded
+from ._common import (
+    INTERPRETING,
+    bf16_bits,
+    check_device,
+    device_guard,
+    launch_options,
+    output_view,
+    store_rounded,
+    warps_option,
+)
 
 # 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude < 2**22 to an integer, half to even
 # (IEEE round-to-nearest-even addition). libdevice.rint does the same on the GPU but not in the interpreter.
 _RNE_MAGIC = tl.constexpr(12582912.0)
 _INV_127 = tl.constexpr(INV_127)
 
-DEFAULT_TILE = 16384
+# Elements per program, columns per tile and warps per program when the caller gives none. The interpreter keeps
+# large tiles (~4 ms per program, cpu-testing.md §2.3) and at most 4096 columns; on the GPU the values were chosen
+# by benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
+QUANTIZE_TILE = 16384
+QUANTIZE_WARPS = 8
+ONE_PASS_K = 4096 if INTERPRETING else 16384
+DEQUANTIZE_TILE = 16384 if INTERPRETING else 4096
+DEQUANTIZE_K = 4096 if INTERPRETING else 1024
+DEQUANTIZE_WARPS = 4
+
+
+@triton.jit
+def _round_to_int8(v):
+    # Round half to even; NaN (zero row: 0 * inf; inf row: inf * 0) becomes 0, as CUDA's float-to-int conversion.
+    r = (v + _RNE_MAGIC) - _RNE_MAGIC
+    return tl.where(v != v, 0.0, r).to(tl.int8)
 
 
 @triton.jit
@@ -31,29 +55,37 @@ def _quantize_8bit_rowwise_kernel(
     K,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):
-    # One program: ROWS rows -> their SCB and int8 codes.
+    # One program: ROWS rows -> their SCB and int8 codes. ONE_PASS (BLOCK_K >= K): each row is read once and kept
+    # in registers; otherwise two passes over K (row absmax, then codes), the second mostly from L2.
     offs_n = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     mask_n = offs_n < N
-    absmax = tl.zeros([ROWS], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    if ONE_PASS:
+        offs_k = tl.arange(0, BLOCK_K)
         mask = mask_n[:, None] & (offs_k < K)[None, :]
         # bnb's Int8Params quantizes the float16 cast of every weight dtype.
         x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
-        ax = tl.abs(x.to(tl.float32))
-        absmax = tl.maximum(absmax, tl.max(tl.where(ax != ax, 0.0, ax), axis=1))  # NaN ignored (abs_ignoring_nan)
-    # bnb CUDA: scale = 127 * reciprocal(SCB); here the reciprocal is IEEE-rounded, as in the reference.
-    scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_n[:, None] & (offs_k < K)[None, :]
-        x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
-        v = x.to(tl.float32) * scale[:, None]
-        r = (v + _RNE_MAGIC) - _RNE_MAGIC
-        # NaN (zero row: 0 * inf; inf row: inf * 0) becomes 0, as CUDA's float-to-int conversion does.
-        r = tl.where(v != v, 0.0, r)
-        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], r.to(tl.int8), mask=mask)
+        x = x.to(tl.float32)
+        absmax = tl.max(tl.where(x != x, 0.0, tl.abs(x)), axis=1)  # NaN ignored (abs_ignoring_nan)
+        scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
+        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], _round_to_int8(x * scale[:, None]), mask=mask)
+    else:
+        absmax = tl.zeros([ROWS], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_n[:, None] & (offs_k < K)[None, :]
+            x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
+            ax = tl.abs(x.to(tl.float32))
+            absmax = tl.maximum(absmax, tl.max(tl.where(ax != ax, 0.0, ax), axis=1))
+        # bnb CUDA: scale = 127 * reciprocal(SCB); here the reciprocal is IEEE-rounded, as in the reference.
+        scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = mask_n[:, None] & (offs_k < K)[None, :]
+            x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
+            q = _round_to_int8(x.to(tl.float32) * scale[:, None])
+            tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q, mask=mask)
     tl.store(scb_ptr + offs_n, absmax, mask=mask_n)
 
 
@@ -78,24 +110,38 @@ def _dequantize_8bit_rowwise_kernel(
     store_rounded(out_ptr + offs, (q * scb[:, None]) * _INV_127, mask, BF16_BITS)
 
 
-def _tile_shape(N: int, K: int, tile: int | None) -> tuple[int, int]:  # noqa: N803
-    block_k = min(triton.next_power_of_2(K), 4096)
-    rows = min(triton.next_power_of_2(max(1, (tile or DEFAULT_TILE) // block_k)), triton.next_power_of_2(N))
+def _tile_shape(N: int, K: int, tile: int, max_k: int) -> tuple[int, int]:  # noqa: N803
+    block_k = min(triton.next_power_of_2(K), max_k)
+    rows = min(triton.next_power_of_2(max(1, tile // block_k)), triton.next_power_of_2(N))
     return rows, block_k
 
 
-def quantize_8bit_rowwise(weight: torch.Tensor, *, tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``qtool.reference.quant8.quantize_8bit_rowwise_ref``: int8 [N, K] and float32 SCB [N]."""
+def quantize_8bit_rowwise(
+    weight: torch.Tensor, *, tile: int | None = None, num_warps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``qtool.reference.quant8.quantize_8bit_rowwise_ref``: int8 [N, K] and float32 SCB [N].
+
+    ``tile`` is elements per program, ``num_warps`` warps per program (GPU); both default to values tuned on an
+    H100. A row of up to ``ONE_PASS_K`` columns is read once; longer rows twice."""
     check_8bit_args(weight)
     check_device(weight)
     w = weight.contiguous()
     N, K = w.shape  # noqa: N806
     q = torch.empty((N, K), dtype=torch.int8, device=w.device)
     scb = torch.empty(N, dtype=torch.float32, device=w.device)
-    rows, block_k = _tile_shape(N, K, tile)
+    rows, block_k = _tile_shape(N, K, tile or QUANTIZE_TILE, ONE_PASS_K)
     with device_guard(w):
         _quantize_8bit_rowwise_kernel[(triton.cdiv(N, rows),)](
-            w, q, scb, N, K, ROWS=rows, BLOCK_K=block_k, **launch_options()
+            w,
+            q,
+            scb,
+            N,
+            K,
+            ROWS=rows,
+            BLOCK_K=block_k,
+            ONE_PASS=block_k >= K,
+            **warps_option(num_warps, QUANTIZE_WARPS),
+            **launch_options(),
         )
     return q, scb
 
@@ -106,6 +152,7 @@ def dequantize_8bit_rowwise(
     *,
     dtype: torch.dtype,
     tile: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``qtool.reference.quant8.dequantize_8bit_rowwise_ref``: dtype [N, K]."""
     if weight_int8.dim() != 2 or SCB.numel() != weight_int8.shape[0]:
@@ -114,7 +161,7 @@ def dequantize_8bit_rowwise(
     q = weight_int8.contiguous()
     N, K = q.shape  # noqa: N806
     out = torch.empty((N, K), dtype=dtype, device=q.device)
-    rows, block_k = _tile_shape(N, K, tile)
+    rows, block_k = _tile_shape(N, K, tile or DEQUANTIZE_TILE, DEQUANTIZE_K)
     with device_guard(q):
         _dequantize_8bit_rowwise_kernel[(triton.cdiv(N, rows), triton.cdiv(K, block_k))](
             q,
@@ -125,6 +172,7 @@ def dequantize_8bit_rowwise(
             ROWS=rows,
             BLOCK_K=block_k,
             BF16_BITS=bf16_bits(out),
+            **warps_option(num_warps, DEQUANTIZE_WARPS),
             **launch_options(),
         )
     return out

@@ -113,11 +113,7 @@ class PendingLayer:
         t = self.tensors
         if self.bits == 8:
             return ops["dequantize_8bit_rowwise"](t["weight"], t["SCB"], dtype=dtype)
-        state = self._state(t.get(NESTED_OFFSET))
-        return ops["dequantize_4bit"](
-            t["weight"], stored_absmax(state, backend=self.backend), state.quant_map,
-            blocksize=self.blocksize, shape=self.shape, dtype=dtype,
-        )  # fmt: skip
+        return _dequantize_4bit(ops, t["weight"], self._state(t.get(NESTED_OFFSET)), dtype)
 
 
 def quantize_pending(
@@ -202,6 +198,21 @@ def stored_absmax(state: bnb4.QuantState4bit, *, backend: Backend = "auto") -> t
     )
 
 
+def _dequantize_4bit(ops: dict, packed: torch.Tensor, state: bnb4.QuantState4bit, dtype: torch.dtype) -> torch.Tensor:
+    # With double quant the absmax is rebuilt from its codes inside the same kernel (one launch, no float32 absmax).
+    nested = {}
+    if state.double_quant:
+        nested = {
+            "nested_absmax": state.nested_absmax,
+            "nested_quant_map": state.nested_quant_map,
+            "nested_offset": state.nested_offset,
+            "nested_blocksize": state.nested_blocksize,
+        }
+    return ops["dequantize_4bit"](
+        packed, state.absmax, state.quant_map, blocksize=state.blocksize, shape=state.shape, dtype=dtype, **nested
+    )
+
+
 def dequantize_tensor(
     entries: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None, backend: Backend = "auto"
 ) -> torch.Tensor:
@@ -219,14 +230,7 @@ def dequantize_tensor(
     if bnb4.is_4bit(entries):
         packed, state = bnb4.decode(entries)
         ops = _ops(resolve_backend(backend, packed.device))
-        return ops["dequantize_4bit"](
-            packed,
-            stored_absmax(state, backend=backend),
-            state.quant_map,
-            blocksize=state.blocksize,
-            shape=state.shape,
-            dtype=dtype or state.dtype,
-        )
+        return _dequantize_4bit(ops, packed, state, dtype or state.dtype)
     if bnb8.is_8bit(entries):
         weight_int8, scb = bnb8.decode(entries)
         ops = _ops(resolve_backend(backend, weight_int8.device))

@@ -79,19 +79,36 @@ def _quant_map_cpu(quant_type: str) -> torch.Tensor:
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
+# Tables are built once per device and shared: callers must not write into them. A fresh copy per call would cost
+# a host-to-device copy from pageable memory per layer, which waits for the GPU and stalls a pipeline.
+@functools.cache
+def _on_device(name: str, device: torch.device) -> torch.Tensor:
+    tables = {
+        "nf4": lambda: _quant_map_cpu("nf4"),
+        "fp4": lambda: _quant_map_cpu("fp4"),
+        "nf4_midpoints": lambda: (_quant_map_cpu("nf4")[:-1] + _quant_map_cpu("nf4")[1:]) / 2,
+        "fp4_thresholds": lambda: torch.tensor(FP4_THRESHOLDS, dtype=torch.float32),
+        "dynamic": lambda: _dynamic_map_cpu(),
+    }
+    if name not in tables:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {name!r}")
+    return tables[name]().to(device)
+
+
 def quant_map(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16-entry float32 table of ``quant_type`` ("nf4" or "fp4"), index = code: ``weight.quant_map``."""
-    return _quant_map_cpu(quant_type).to(device)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    return _on_device(quant_type, torch.device(device))
 
 
 def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
     """float32 midpoints between consecutive NF4 values, [15]; code = number of midpoints strictly below s."""
-    v = quant_map("nf4", device)
-    return (v[:-1] + v[1:]) / 2
+    return _on_device("nf4_midpoints", torch.device(device))
 
 
 def fp4_thresholds(device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.tensor(FP4_THRESHOLDS, dtype=torch.float32, device=device)
+    return _on_device("fp4_thresholds", torch.device(device))
 
 
 def fp4_magnitude_codes(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -116,4 +133,4 @@ def _dynamic_map_cpu() -> torch.Tensor:
 
 def dynamic_map(device: torch.device | str = "cpu") -> torch.Tensor:
     """The signed 8-bit dynamic map (256 float32 values, sorted): ``weight.nested_quant_map``."""
-    return _dynamic_map_cpu().to(device)
+    return _on_device("dynamic", torch.device(device))

@@ -13,7 +13,14 @@ import math
 
 import torch
 
-from qtool.reference.codebooks import BLOCKSIZES, QUANT_TYPES, fp4_magnitude_codes, fp4_thresholds, nf4_midpoints
+from qtool.reference.codebooks import (
+    BLOCKSIZES,
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    fp4_magnitude_codes,
+    fp4_thresholds,
+    nf4_midpoints,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -107,6 +114,30 @@ def unpack_4bit_ref(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([p >> 4, p & 15], dim=1).reshape(-1)[:n].to(torch.int64)
 
 
+def check_4bit_layout(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int, shape) -> None:
+    """Raise ValueError unless packed (as bytes) and absmax fit n elements in blocks of blocksize."""
+    nbytes, nblocks = packed.reshape(-1).view(torch.uint8).numel(), math.ceil(n / blocksize)
+    if nbytes != (n + 1) // 2 or absmax.numel() != nblocks:
+        raise ValueError(
+            f"packed has {nbytes} bytes and absmax {absmax.numel()} blocks; shape {tuple(shape)} with blocksize "
+            f"{blocksize} needs {(n + 1) // 2} and {nblocks}"
+        )
+
+
+def check_nested(absmax, nested_absmax, nested_quant_map, nested_offset, nested_blocksize: int) -> None:
+    """Raise ValueError unless the double-quant entries are complete and consistent with absmax (its codes)."""
+    if nested_quant_map is None or nested_offset is None:
+        raise ValueError("double quant needs nested_absmax, nested_quant_map and nested_offset together")
+    if absmax.dtype != torch.uint8:
+        raise ValueError(f"with double quant, absmax holds uint8 codes, got {absmax.dtype}")
+    if nested_absmax.numel() != math.ceil(absmax.numel() / nested_blocksize) or nested_quant_map.numel() != 256:
+        raise ValueError(
+            f"nested_absmax has {nested_absmax.numel()} values and nested_quant_map {nested_quant_map.numel()}; "
+            f"{absmax.numel()} absmax codes in blocks of {nested_blocksize} need "
+            f"{math.ceil(absmax.numel() / nested_blocksize)} and 256"
+        )
+
+
 def dequantize_4bit_ref(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -115,21 +146,35 @@ def dequantize_4bit_ref(
     blocksize: int,
     shape: tuple[int, ...] | torch.Size,
     dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
+    nested_offset: torch.Tensor | float | None = None,
+    nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
     """Dequantize packed 4-bit codes: ``w = quant_map[code] * absmax[block]`` in float32, then cast to dtype.
 
     Args:
         packed: uint8 [(n + 1) // 2, 1] as stored in ``weight``.
-        absmax: float32 [ceil(n / blocksize)] (already de-nested for double-quant checkpoints).
+        absmax: float32 [ceil(n / blocksize)], or with double quant the stored uint8 codes.
         quant_map: float32 [16], the stored ``weight.quant_map``.
         blocksize: the blocksize recorded in the quant state.
         shape: the original weight shape; n = prod(shape).
         dtype: output dtype; the float32 product is rounded to nearest even, as bnb's dequantize does.
+        nested_absmax, nested_quant_map, nested_offset, nested_blocksize: with double quant, ``absmax`` holds the
+            uint8 codes and the absmax is rebuilt first (``double_quant.dequantize_absmax_ref``).
 
     Returns:
         Tensor of ``shape`` and ``dtype``, equal to bnb's own dequantization of the same bytes.
     """
     n = math.prod(shape)
+    check_4bit_layout(packed, absmax, n, blocksize, shape)
+    if nested_absmax is not None:
+        from qtool.reference.double_quant import dequantize_absmax_ref
+
+        check_nested(absmax, nested_absmax, nested_quant_map, nested_offset, nested_blocksize)
+        absmax = dequantize_absmax_ref(
+            absmax, nested_absmax, nested_quant_map, nested_offset, nested_blocksize=nested_blocksize
+        )
     codes = unpack_4bit_ref(packed, n)
     scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
     return (quant_map.to(torch.float32)[codes] * scale).to(dtype).reshape(shape)

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.gpu
 
 # FLUX.1-dev transformer: attention 3072x3072, fused MLP up 12288x3072, single-block out 3072x15360.
 FLUX_SHAPES = [(3072, 3072), (12288, 3072), (3072, 15360)]
+# Every shape benchmarks/bench_codecs.py times: the kernels' speed is only claimed where they are proven exact.
+BENCH_SHAPES = [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (3072, 15360), (14336, 4096)]
 
 
 def report(**row):
@@ -35,7 +37,7 @@ def flux_weight(shape, dtype):
     return w.to(dtype)
 
 
-@pytest.mark.parametrize("shape", FLUX_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", BENCH_SHAPES, ids=str)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_4bit_flux_shapes(shape, quant_type, double_quant):
@@ -116,3 +118,35 @@ def test_int8_against_bnb_cuda(shape, dtype):
     report(test="int8_vs_bnb_cuda", shape=shape, dtype=str(dtype), codes=w.numel(), differing=ndiff)
     assert_equal(qtool.dequantize_tensor(ours, dtype=torch.float32), F.int8_vectorwise_dequant(ours["weight"],
                  ours["SCB"]), "bnb dequant of ours")  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", BENCH_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_int8_bench_shapes(shape, dtype):
+    w = flux_weight(shape, dtype)
+    ours = qtool.quantize_tensor(w, bits=8, backend="triton")
+    ref = qtool.quantize_tensor(w, bits=8, backend="torch")
+    for key in ref:
+        assert_equal(ours[key], ref[key], key)
+    for out in (torch.bfloat16, torch.float16, torch.float32):
+        assert_equal(
+            qtool.dequantize_tensor(ours, dtype=out, backend="triton"),
+            qtool.dequantize_tensor(ref, dtype=out, backend="torch"),
+            f"dequantized {out}",
+        )
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "odd-offset"])
+@pytest.mark.parametrize("shape", [(4097, 33), (3072, 3071)], ids=str)
+def test_4bit_unpaired_layouts(shape, offset):
+    """Odd numel or a weight starting at an odd element: the kernels' element-wise path, same bytes."""
+    flat = flux_weight((shape[0] * shape[1] + offset,), torch.bfloat16)
+    w = flat[offset:].view(shape)
+    for double_quant in (False, True):
+        tri = qtool.quantize_tensor(w, double_quant=double_quant, backend="triton")
+        ref = qtool.quantize_tensor(w, double_quant=double_quant, backend="torch")
+        for key in ref:
+            assert_equal(tri[key], ref[key], key)
+        assert_equal(
+            qtool.dequantize_tensor(tri, backend="triton"), qtool.dequantize_tensor(ref, backend="torch"), "dequantized"
+        )

@@ -59,6 +59,35 @@ def test_dequantize_4bit(shape, blocksize, tile, out_dtype, quant_type, device):
     assert_equal(out, quant4.dequantize_4bit_ref(packed, absmax, qmap, **kwargs), "dequantized")
 
 
+@pytest.mark.parametrize("shape,blocksize,tile", CASES_4BIT, ids=str)
+@pytest.mark.parametrize("out_dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_dequantize_4bit_nested(shape, blocksize, tile, out_dtype, device):
+    """With double quant the kernel rebuilds each absmax from its code itself; same values as the reference."""
+    w = weights(shape, torch.float32, device)
+    packed, absmax = quant4.quantize_4bit_ref(w, blocksize=blocksize)
+    codes, nested_absmax, offset = double_quant_ref.quantize_absmax_ref(absmax)
+    kwargs = {"blocksize": blocksize, "shape": shape, "dtype": out_dtype, "nested_absmax": nested_absmax,
+              "nested_quant_map": dynamic_map(device)}  # fmt: skip
+    want = quant4.dequantize_4bit_ref(packed, codes, quant_map("nf4", device), nested_offset=offset, **kwargs)
+    for off in (offset, offset.item()):  # a device tensor (never waited for) or a float from the JSON blob
+        out = quant_4bit.dequantize_4bit(
+            packed, codes, quant_map("nf4", device), tile=tile, nested_offset=off, **kwargs
+        )
+        assert_equal(out, want, "dequantized")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_4bit_misaligned_weight(dtype, device):
+    """A 16-bit weight starting at an odd element cannot be read as int32 pairs: the element-wise path, same bytes."""
+    flat = weights((1, 64 * 40 + 1), dtype, device).reshape(-1)
+    w = flat[1:].view(40, 64)
+    assert w.data_ptr() % 4 == 2
+    packed, absmax = quant_4bit.quantize_4bit(w, tile=512)
+    packed_ref, absmax_ref = quant4.quantize_4bit_ref(w)
+    assert_equal(packed, packed_ref, "packed")
+    assert_equal(absmax, absmax_ref, "absmax")
+
+
 @pytest.mark.parametrize("nblocks,tile", [(1, None), (5, None), (256, None), (600, 256), (4097, 1024)], ids=str)
 def test_double_quant(nblocks, tile, device):
     absmax = (torch.rand(nblocks) * 0.2 + 0.01).to(device)
