@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,12 +40,18 @@ CASES = [
     ("quantize_8bit", "", False),
     ("dequantize_8bit", "", False),
 ]
-# Configurations tried by --sweep: (tile = elements per program, num_warps).
+
+
+# Configurations tried by --sweep: keyword arguments of the kernel launchers (tile = elements per program).
+def _grid(**axes) -> list[dict]:
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
 SWEEP = {
-    "quantize_4bit": list(itertools.product((512, 1024, 2048, 4096, 8192), (1, 2, 4, 8))),
-    "dequantize_4bit": list(itertools.product((1024, 2048, 4096, 8192, 16384), (2, 4, 8))),
-    "quantize_8bit": list(itertools.product((4096, 8192, 16384, 32768), (4, 8, 16))),
-    "dequantize_8bit": list(itertools.product((2048, 4096, 8192, 16384), (2, 4, 8))),
+    "quantize_4bit": _grid(tile=(1024, 2048, 4096), num_warps=(1, 2, 4, 8), nf4_gather=(False, True)),
+    "dequantize_4bit": _grid(tile=(2048, 4096, 8192), num_warps=(2, 4, 8)),
+    "quantize_8bit": _grid(tile=(4096, 8192, 16384), num_warps=(4, 8, 16)),
+    "dequantize_8bit": _grid(tile=(4096, 8192, 16384), num_warps=(2, 4, 8)),
 }
 
 
@@ -176,8 +183,20 @@ def main() -> None:
 
     rows: list[dict] = []
 
+    def host_us(fn, calls: int = 200) -> float:
+        # CPU time to enqueue one call (no synchronization inside): when it exceeds the GPU time, do_bench measures
+        # the launch path rather than the kernels.
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return round(elapsed / calls * 1e6, 1)
+
     def bench(op, provider, shape, notes, fn, nbytes):
         p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        rows.append(_results.row(op, provider, shape, "host_time", "us", host_us(fn), notes=notes))
         us = [round(v * 1e3, 2) for v in (p50, p20, p80)]
         rows.append(_results.row(op, provider, shape, "time", "us", us[0], p20=us[1], p80=us[2], notes=notes))
         rows.append(_results.row(op, provider, shape, "bandwidth", "TB/s", round(nbytes / p50 / 1e9, 3), notes=notes))
@@ -196,9 +215,14 @@ def main() -> None:
         for op, quant_type, double_quant in CASES:
             notes, nbytes = describe(quant_type, double_quant), traffic(op, n, k, double_quant)
             if args.sweep:
-                for tile, warps in SWEEP[op]:
-                    bench(op, "qtool", shape, f"{notes} tile={tile} warps={warps}".strip(),
-                          ops.qtool(op, quant_type, double_quant, tile=tile, num_warps=warps), nbytes)  # fmt: skip
+                if op == "quantize_4bit" and double_quant:
+                    continue  # the same 4-bit kernel; double quant adds launches that no tile changes
+                for config in SWEEP[op]:
+                    if "nf4_gather" in config and quant_type != "nf4" and config["nf4_gather"]:
+                        continue
+                    label = " ".join(f"{key}={value}" for key, value in config.items())
+                    bench(op, "qtool", shape, f"{notes} {label}".strip(),
+                          ops.qtool(op, quant_type, double_quant, **config), nbytes)  # fmt: skip
                 continue
             ops.check(op, quant_type, double_quant)
             ours = bench(op, "qtool", shape, notes, ops.qtool(op, quant_type, double_quant), nbytes)

@@ -33,9 +33,10 @@ from ._common import (
 # 1M-element tensor at 64 programs (~0.5 s, cpu-testing.md §2.3); on the GPU the values were chosen by
 # benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
 QUANTIZE_TILE = 16384 if INTERPRETING else 2048
-QUANTIZE_WARPS = 4
+QUANTIZE_WARPS = 2
+NF4_GATHER = True
 DEQUANTIZE_TILE = 16384 if INTERPRETING else 4096
-DEQUANTIZE_WARPS = 4
+DEQUANTIZE_WARPS = 8
 
 
 @triton.jit
@@ -68,6 +69,16 @@ def _nf4_code(s, mid_ptr):
     b0 = s > t0
     # NaN (an all-zero block: 0 * inf) fails every comparison and lands on code 0, as on CUDA.
     return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
+
+
+@triton.jit
+def _nf4_code_gather(s, mid_ptr):
+    # The same search as _nf4_code, each level's threshold gathered from the 15-entry table (one L1 line) by the
+    # index built so far instead of selected among constants: fewer instructions per element.
+    i = (s > tl.load(mid_ptr + 7)).to(tl.int32) * 8
+    i += (s > tl.load(mid_ptr + i + 3)).to(tl.int32) * 4
+    i += (s > tl.load(mid_ptr + i + 1)).to(tl.int32) * 2
+    return i + (s > tl.load(mid_ptr + i)).to(tl.int32)
 
 
 @triton.jit
@@ -129,6 +140,9 @@ def _quantize_4bit_kernel(
     # layout constexprs
     PAIRS: tl.constexpr,  # w_ptr is an int32 view (16-bit weight, even numel)
     IS_BF16: tl.constexpr,
+    # code generation constexprs
+    MAX_SKIPS_NAN: tl.constexpr,  # tl.max ignores NaN (GPU); the interpreter's does not
+    NF4_GATHER: tl.constexpr,  # NF4 thresholds gathered by index rather than selected
     # tile constexprs
     BLOCKS: tl.constexpr,  # quantization blocks per program
 ):
@@ -139,12 +153,19 @@ def _quantize_4bit_kernel(
     offs_p = offs_b[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]  # [BLOCKS, QBLOCK / 2]
     # Elements past n read as 0.0: the odd element's pad nibble is the code of 0, as bnb CUDA writes it.
     even, odd = _load_pairs(w_ptr, offs_p, n, PAIRS, IS_BF16)
-    # NaN ignored (abs_ignoring_nan)
-    pair_max = tl.maximum(tl.where(even != even, 0.0, tl.abs(even)), tl.where(odd != odd, 0.0, tl.abs(odd)))
-    absmax = tl.max(pair_max, axis=1)  # [BLOCKS]
+    # NaN ignored (abs_ignoring_nan). On the GPU max.f32 already returns the other operand of a NaN, and the final
+    # maximum with 0 covers an all-NaN block; the interpreter's numpy max propagates NaN, so it masks them first.
+    if MAX_SKIPS_NAN:
+        absmax = tl.maximum(tl.max(tl.maximum(tl.abs(even), tl.abs(odd)), axis=1), 0.0)
+    else:
+        pair_max = tl.maximum(tl.where(even != even, 0.0, tl.abs(even)), tl.where(odd != odd, 0.0, tl.abs(odd)))
+        absmax = tl.max(pair_max, axis=1)  # [BLOCKS]
     # IEEE-rounded reciprocal, as the reference (torch.reciprocal) computes it; 1 / 0 = inf.
     recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)[:, None]
-    if IS_NF4:
+    if IS_NF4 and NF4_GATHER:
+        hi = _nf4_code_gather(even * recip, thr_ptr)
+        lo = _nf4_code_gather(odd * recip, thr_ptr)
+    elif IS_NF4:
         hi = _nf4_code(even * recip, thr_ptr)
         lo = _nf4_code(odd * recip, thr_ptr)
     else:
@@ -236,6 +257,7 @@ def quantize_4bit(
     blocksize: int = 64,
     tile: int | None = None,
     num_warps: int | None = None,
+    nf4_gather: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``qtool.reference.quant4.quantize_4bit_ref``; ``tile`` is elements per program and
     ``num_warps`` warps per program (GPU only; both default to the configuration tuned on an H100).
@@ -265,6 +287,8 @@ def quantize_4bit(
             IS_NF4=quant_type == "nf4",
             PAIRS=pairs is not None,
             IS_BF16=w.dtype == torch.bfloat16,
+            MAX_SKIPS_NAN=not INTERPRETING,
+            NF4_GATHER=NF4_GATHER if nf4_gather is None else nf4_gather,
             BLOCKS=blocks,
             **warps_option(num_warps, QUANTIZE_WARPS),
             **launch_options(),
