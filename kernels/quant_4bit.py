@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtool.reference.codebooks import NESTED_BLOCKSIZE, fp4_thresholds, nf4_midpoints
+from qtool.reference.codebooks import NESTED_BLOCKSIZE, NF4_BUCKETS, fp4_thresholds, nf4_buckets, nf4_midpoints
 from qtool.reference.quant4 import check_4bit_args, check_4bit_layout, check_nested
 
 from ._common import (
@@ -34,7 +34,7 @@ from ._common import (
 # benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
 QUANTIZE_TILE = 16384 if INTERPRETING else 2048
 QUANTIZE_WARPS = 2
-NF4_GATHER = True
+NF4_SEARCH = 0
 DEQUANTIZE_TILE = 16384 if INTERPRETING else 4096
 DEQUANTIZE_WARPS = 8
 
@@ -82,6 +82,16 @@ def _nf4_code_gather(s, mid_ptr):
 
 
 @triton.jit
+def _nf4_code_buckets(s, table_ptr, NBUCKETS: tl.constexpr):
+    # codebooks.nf4_buckets: the slice of [-1, 1] that s falls in holds at most one midpoint. NaN and rounding past
+    # +-1 are clamped into the end slices (a NaN converts to 0 on the GPU and to INT_MIN in numpy).
+    b = ((s + 1.0) * (NBUCKETS // 2)).to(tl.int32)
+    b = tl.minimum(tl.maximum(b, 0), NBUCKETS - 1)
+    base = tl.load(table_ptr + NBUCKETS + b).to(tl.int32)
+    return base + (s > tl.load(table_ptr + b)).to(tl.int32)
+
+
+@triton.jit
 def _fp4_code(s, thr_ptr):
     # bnb CUDA's dQuantizeFP4: sign bit iff s < 0; k = #{t_j < |s|} over 7 magnitude thresholds; the magnitude
     # code for k = 0..7 is 0, 1, 6, 7, 4, 5, 2, 3, i.e. bits (c2 ^ c1, c1, c0) of k = (c2, c1, c0).
@@ -103,14 +113,17 @@ def _fp4_code(s, thr_ptr):
 
 
 @triton.jit
-def _load_pairs(w_ptr, offs_p, n, PAIRS: tl.constexpr, IS_BF16: tl.constexpr):
+def _load_pairs(w_ptr, offs_p, n, PAIRS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr):
     """Elements 2j and 2j+1 of the flattened weight for every pair index j in offs_p, as float32; past n: 0.0.
 
     With PAIRS, w_ptr is an int32 view of a 16-bit weight of even numel: one 32-bit load per pair, element 2j in the
     low half (little-endian). Widening bf16/fp16 to float32 is exact, so both paths give the same values.
     """
     if PAIRS:
-        w = tl.load(w_ptr + offs_p, mask=offs_p < n // 2, other=0)
+        if EVEN:
+            w = tl.load(w_ptr + offs_p)
+        else:
+            w = tl.load(w_ptr + offs_p, mask=offs_p < n // 2, other=0)
         if IS_BF16:
             even = (w << 16).to(tl.float32, bitcast=True)
             odd = ((w >> 16) << 16).to(tl.float32, bitcast=True)
@@ -142,7 +155,9 @@ def _quantize_4bit_kernel(
     IS_BF16: tl.constexpr,
     # code generation constexprs
     MAX_SKIPS_NAN: tl.constexpr,  # tl.max ignores NaN (GPU); the interpreter's does not
-    NF4_GATHER: tl.constexpr,  # NF4 thresholds gathered by index rather than selected
+    NF4_SEARCH: tl.constexpr,  # 0: select tree, 1: thresholds gathered by index, 2: buckets (thr_ptr = nf4_buckets)
+    NBUCKETS: tl.constexpr,
+    EVEN: tl.constexpr,  # every program's tile lies inside the tensor: no masks (vector stores)
     # tile constexprs
     BLOCKS: tl.constexpr,  # quantization blocks per program
 ):
@@ -152,7 +167,7 @@ def _quantize_4bit_kernel(
     offs_b = pid * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
     offs_p = offs_b[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]  # [BLOCKS, QBLOCK / 2]
     # Elements past n read as 0.0: the odd element's pad nibble is the code of 0, as bnb CUDA writes it.
-    even, odd = _load_pairs(w_ptr, offs_p, n, PAIRS, IS_BF16)
+    even, odd = _load_pairs(w_ptr, offs_p, n, PAIRS, IS_BF16, EVEN)
     # NaN ignored (abs_ignoring_nan). On the GPU max.f32 already returns the other operand of a NaN, and the final
     # maximum with 0 covers an all-NaN block; the interpreter's numpy max propagates NaN, so it masks them first.
     if MAX_SKIPS_NAN:
@@ -162,7 +177,10 @@ def _quantize_4bit_kernel(
         absmax = tl.max(pair_max, axis=1)  # [BLOCKS]
     # IEEE-rounded reciprocal, as the reference (torch.reciprocal) computes it; 1 / 0 = inf.
     recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)[:, None]
-    if IS_NF4 and NF4_GATHER:
+    if IS_NF4 and NF4_SEARCH == 2:
+        hi = _nf4_code_buckets(even * recip, thr_ptr, NBUCKETS)
+        lo = _nf4_code_buckets(odd * recip, thr_ptr, NBUCKETS)
+    elif IS_NF4 and NF4_SEARCH == 1:
         hi = _nf4_code_gather(even * recip, thr_ptr)
         lo = _nf4_code_gather(odd * recip, thr_ptr)
     elif IS_NF4:
@@ -171,8 +189,12 @@ def _quantize_4bit_kernel(
     else:
         hi = _fp4_code(even * recip, thr_ptr)
         lo = _fp4_code(odd * recip, thr_ptr)
-    tl.store(packed_ptr + offs_p, ((hi << 4) | lo).to(tl.uint8), mask=offs_p < (n + 1) // 2)
-    tl.store(absmax_ptr + offs_b, absmax, mask=offs_b < nblocks)
+    if EVEN:
+        tl.store(packed_ptr + offs_p, ((hi << 4) | lo).to(tl.uint8))
+        tl.store(absmax_ptr + offs_b, absmax)
+    else:
+        tl.store(packed_ptr + offs_p, ((hi << 4) | lo).to(tl.uint8), mask=offs_p < (n + 1) // 2)
+        tl.store(absmax_ptr + offs_b, absmax, mask=offs_b < nblocks)
 
 
 @triton.jit
@@ -257,7 +279,7 @@ def quantize_4bit(
     blocksize: int = 64,
     tile: int | None = None,
     num_warps: int | None = None,
-    nf4_gather: bool | None = None,
+    nf4_search: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``qtool.reference.quant4.quantize_4bit_ref``; ``tile`` is elements per program and
     ``num_warps`` warps per program (GPU only; both default to the configuration tuned on an H100).
@@ -271,7 +293,11 @@ def quantize_4bit(
     nblocks = math.ceil(n / blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
-    thresholds = nf4_midpoints(w.device) if quant_type == "nf4" else fp4_thresholds(w.device)
+    search = NF4_SEARCH if nf4_search is None else nf4_search
+    if quant_type == "fp4":
+        thresholds = fp4_thresholds(w.device)
+    else:
+        thresholds = nf4_buckets(w.device) if search == 2 else nf4_midpoints(w.device)
     pairs = _pairs_view(w)
     blocks = _blocks_per_program(blocksize, nblocks, tile, QUANTIZE_TILE)
     grid = (triton.cdiv(nblocks, blocks),)
@@ -288,7 +314,9 @@ def quantize_4bit(
             PAIRS=pairs is not None,
             IS_BF16=w.dtype == torch.bfloat16,
             MAX_SKIPS_NAN=not INTERPRETING,
-            NF4_GATHER=NF4_GATHER if nf4_gather is None else nf4_gather,
+            NF4_SEARCH=search,
+            NBUCKETS=NF4_BUCKETS,
+            EVEN=n % (blocks * blocksize) == 0,
             BLOCKS=blocks,
             **warps_option(num_warps, QUANTIZE_WARPS),
             **launch_options(),

@@ -55,3 +55,22 @@ def test_tables_equal_bnb():
     assert torch.equal(codebooks.quant_map("nf4"), F.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(codebooks.quant_map("fp4"), F.get_4bit_type("fp4", device="cpu"))
     assert torch.equal(codebooks.dynamic_map(), F.create_dynamic_map(signed=True))
+
+
+def test_nf4_buckets_hold_one_midpoint_away_from_their_edges():
+    """The bucket search in kernels/quant_4bit.py is exact only if every slice of [-1, 1] holds at most one NF4
+    midpoint, far (in float32 rounding terms) from the slice edges; and it must give the counting rule's code."""
+    from qtool.reference.codebooks import NF4_BUCKETS, nf4_buckets, nf4_midpoints
+
+    mids = nf4_midpoints().double()
+    half = NF4_BUCKETS / 2
+    edges_apart = ((mids + 1) * half - torch.round((mids + 1) * half)).abs() / half
+    assert float(edges_apart.min()) > 1e-3
+    table = nf4_buckets()
+    thresholds, bases = table[:NF4_BUCKETS], table[NF4_BUCKETS:].long()
+    s = torch.cat(
+        [torch.linspace(-1, 1, 200_001), nf4_midpoints(), torch.nextafter(nf4_midpoints(), torch.tensor(2.0))]
+    )
+    b = ((s + 1) * half).long().clamp(0, NF4_BUCKETS - 1)
+    codes = bases[b] + (s > thresholds[b]).long()
+    assert torch.equal(codes, torch.bucketize(s, nf4_midpoints(), right=False))
