@@ -166,13 +166,15 @@ def main() -> None:
     )
     parser.add_argument("--sweep", action="store_true", help="time every tile/warp configuration (kernel tuning)")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of: " + ", ".join(SHAPES))
+    parser.add_argument("--ops", default=",".join(SWEEP), help="comma-separated subset of: " + ", ".join(SWEEP))
     parser.add_argument("--dry-run", action="store_true", help="list the shapes and cases, run nothing")
     args = parser.parse_args()
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
+    cases = [case for case in CASES if case[0] in args.ops.split(",")]
     out = args.out or _results.RESULTS / ("sweep.csv" if args.sweep else "codecs.csv")
     if args.dry_run:
         for name, (n, k) in shapes.items():
-            for op, qt, dq in CASES:
+            for op, qt, dq in cases:
                 configs = len(SWEEP[op]) if args.sweep else 1
                 print(f"{name} {n}x{k} {op} {describe(qt, dq)}: {configs} config(s), {traffic(op, n, k, dq)} bytes")
         print(f"-> {out}")
@@ -212,7 +214,7 @@ def main() -> None:
         if not args.sweep:
             out_copy = torch.empty_like(w)
             bench("copy", "torch", shape, "", lambda: out_copy.copy_(w), traffic("copy", n, k, False))
-        for op, quant_type, double_quant in CASES:
+        for op, quant_type, double_quant in cases:
             notes, nbytes = describe(quant_type, double_quant), traffic(op, n, k, double_quant)
             if args.sweep:
                 if op == "quantize_4bit" and double_quant:
