@@ -1,280 +1,529 @@
-"""`qtool quantize` on a FLUX.1-dev-sized pipeline beside diffusers + bitsandbytes, in the same run.
+"""End to end: `qtool quantize` / `qtool dequantize` of a FLUX.1-dev-sized pipeline beside diffusers/transformers +
+bitsandbytes and beside merely reading the files, each in a fresh process, in one run (issue 7).
 
-    python benchmarks/bench_quantize_flux.py --workdir /tmp/fluxbench [--size dev|tiny] [--out CSV]
+    python benchmarks/e2e_quantize.py --workdir /tmp/e2e [--size dev|tiny] [--only read,qtool-nf4dq,...] [--dry-run]
 
-1. Builds a synthetic pipeline: examples/make_tiny_flux.py's folder (tokenizers, scheduler, model_index.json),
-   with, at ``--size dev``, every model component re-made at FLUX.1-dev's real shapes (transformer 11.9B
-   parameters, T5-XXL encoder 4.8B, CLIP-L, the 16-channel VAE) from random bf16 weights generated on the GPU.
-   Key names and shapes come from the real classes built on the meta device; the key set is the one
-   ``save_pretrained`` writes (taken from the tiny folder), sharded like the Hub repo (10 GB / 5 GB shards).
-2. Quantizes ``transformer`` and ``text_encoder_2`` to NF4 + double quant, each tool in a fresh process (page cache
-   dropped first where the kernel allows it):
-   - ``qtool``: ``qtool.api.quantize_checkpoint`` (what ``qtool quantize`` calls), Triton on the GPU;
-   - ``bnb``: diffusers' / transformers' ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``
-     then ``save_pretrained``, per component, the other components hard-linked (as qtool does).
-   Each reports wall time, peak host memory (ru_maxrss: resident pages, file-backed ones included) and peak GPU
-   memory allocated by PyTorch.
-3. Checks the two outputs against each other (same key sets, dtypes and shapes; counts differing bytes of every
-   tensor) and loads qtool's with ``FluxPipeline.from_pretrained(out)`` (no quantization arguments) for two steps.
-4. Appends one CSV row per tool with the GPU, library versions and git commit.
+1. Source: a synthetic pipeline with FLUX.1-dev's shapes, key names, configs and sharding (benchmarks/_flux_source.py),
+   generated in ``<workdir>/src-<size>`` unless a complete one is there (a marker file), so re-runs reuse it.
+2. Steps (``--only``; each stands alone, so a run can be split over several calls), per target: each component of
+   ``--components`` alone and, with ``--combined``, all of them in one run:
+   - ``read``: every file of the target read once, page cache cold (evicted) and warm, 1 thread (16 MiB
+     ``readinto``) and ``--read-threads`` threads (64 MiB ranges, ``os.preadv``): the floor for any loader.
+   - ``qtool-<method>``: ``python -m qtool quantize`` (the CLI, under a 3-line atexit hook that reports PyTorch's
+     peak GPU memory); the first run of each op with an empty Triton cache is recorded as its own row.
+   - ``bnb-<method>``: diffusers' / transformers' ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``
+     then ``save_pretrained``, the other components hard-linked (as qtool does); then both outputs are compared.
+   - ``qtool-dequant-<method>`` / ``bnb-dequant-<method>``: ``python -m qtool dequantize`` of qtool's output, and
+     ``from_pretrained`` of the same output, ``model.dequantize()``, ``save_pretrained``.
+   - ``loads``: qtool's NF4 output through ``FluxPipeline.from_pretrained(out)`` for two steps (GPU only).
+3. Figures per run: wall time from spawn to exit (files written, not yet synced; ``sync_after`` is the ``os.sync``
+   that follows), peak host memory (``ru_maxrss`` from ``wait4``: resident pages, file-backed ones included), peak GPU
+   memory (PyTorch's ``max_memory_allocated`` in the process, and NVML's figure for the pid sampled every 50 ms, the
+   CUDA context included), bytes written (files not hard-linked to an input), and the tool's own stage times.
+   Every figure is a row of benchmarks/_results.py's schema appended to ``--out``; a summary table ends the output.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import json
 import os
-import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_codecs import git_sha  # noqa: E402
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+import _flux_source  # noqa: E402
+import _pagecache  # noqa: E402
+import _proc  # noqa: E402
+import _results  # noqa: E402
+import make_table  # noqa: E402
 
+GB = 1e9
 COMPONENTS = ("transformer", "text_encoder_2")
-# The GPU is the point; without one (--size tiny, to try the script on a laptop) everything runs on the CPU, bnb's
-# diffusers loader behind the tests' patch that lets it load on a CPU.
-CUDA = os.environ.get("CUDA_VISIBLE_DEVICES") != "" and shutil.which("nvidia-smi") is not None
-DEVICE = "cuda" if CUDA else "cpu"
-
-# FLUX.1-dev's component configs (black-forest-labs/FLUX.1-dev, diffusers layout), applied over the tiny ones.
-DEV_CONFIGS = {
-    "transformer": {
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "num_layers": 19,
-        "num_single_layers": 38,
-        "joint_attention_dim": 4096,
-        "pooled_projection_dim": 768,
-        "in_channels": 64,
-        "out_channels": None,
-        "axes_dims_rope": [16, 56, 56],
-        "guidance_embeds": True,
-    },
-    "text_encoder_2": {  # google/t5-v1_1-xxl's encoder
-        "d_model": 4096,
-        "d_ff": 10240,
-        "d_kv": 64,
-        "num_heads": 64,
-        "num_layers": 24,
-        "num_decoder_layers": 24,
-        "vocab_size": 32128,
-        "relative_attention_num_buckets": 32,
-        "relative_attention_max_distance": 128,
-    },
-    "text_encoder": {  # openai/clip-vit-large-patch14's text tower
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "projection_dim": 768,
-        "vocab_size": 49408,
-        "max_position_embeddings": 77,
-    },
-    "vae": {
-        "block_out_channels": [128, 256, 512, 512],
-        "latent_channels": 16,
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-        "sample_size": 1024,
-    },
+# Per method: the op name in the CSV, qtool's flags (bnb's config: _children.BNB_CONFIGS), and output bytes per source
+# byte (for the disk checks).
+METHODS = {
+    "nf4dq": {"op": "nf4-dq", "flags": ["--bits", "4", "--nf4", "--double-quant"], "ratio": 0.30},
+    "int8": {"op": "int8", "flags": ["--bits", "8"], "ratio": 0.52},
 }
-# save_pretrained's shard caps that give FLUX.1-dev's shard counts (transformer 3, T5 2).
-DEV_SHARD_BYTES = {"transformer": 10 * 10**9, "text_encoder_2": 5 * 10**9}
+STEPS = (
+    "read",
+    "qtool-nf4dq",
+    "qtool-int8",
+    "bnb-nf4dq",
+    "bnb-int8",
+    "qtool-dequant-nf4dq",
+    "qtool-dequant-int8",
+    "bnb-dequant-nf4dq",
+    "bnb-dequant-int8",
+    "loads",
+)
+# `python -m qtool ...` plus a hook that leaves PyTorch's peak GPU memory in $QTOOL_E2E_PROBE at exit.
+PROBE = """import atexit, json, os, runpy, sys
+def _report():
+    torch = sys.modules.get("torch")
+    cuda = torch is not None and torch.cuda.is_initialized()
+    with open(os.environ.get("QTOOL_E2E_PROBE", os.devnull), "w") as f:
+        json.dump({"peak_gpu_torch_bytes": torch.cuda.max_memory_allocated() if cuda else None}, f)
+atexit.register(_report)
+sys.argv[0] = "qtool"
+runpy.run_module("qtool", run_name="__main__", alter_sys=True)
+"""
 
-COLUMNS = [
-    "tool", "size", "components", "method", "seconds", "peak_host_gb", "peak_gpu_gb", "source_gb", "output_gb",
-    "keys_equal", "differing_bytes", "compared_bytes", "loads_and_runs", "page_cache_dropped", "gpu_name", "torch",
-    "triton", "bnb", "diffusers", "transformers", "qtool_git_sha", "timestamp",
-]  # fmt: skip
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    src: Path
+    cuda: bool
+    rows: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    recorded_sources: set = field(default_factory=set)
+    workaround: str = ""  # what the last bnb child had to do differently from the documented route
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.cuda else "cpu"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.args.workdir / "out"
+
+    @property
+    def keep_dir(self) -> Path:
+        return self.args.workdir / "keep"
+
+    @property
+    def triton_dir(self) -> Path:
+        return self.args.workdir / "triton-cache"
+
+    def shape(self, target: tuple[str, ...]) -> str:
+        return f"flux-{self.args.size} {'+'.join(target)}"
+
+    def env(self) -> dict:
+        env = dict(os.environ, TRITON_CACHE_DIR=str(self.triton_dir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        if not self.cuda:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+    def emit(self, rows: list[dict]) -> None:
+        """Append now, so that a run killed at its time limit keeps what it measured."""
+        if rows:
+            _results.append(self.args.out, rows)
+            self.rows += rows
 
 
-def folder_bytes(folder: Path) -> int:
-    seen, total = set(), 0
-    for path in folder.rglob("*"):
+def library(component: Path) -> str:
+    """diffusers or transformers, from config.json (as qtool.plan.detect_library, without importing torch)."""
+    return "diffusers" if "_class_name" in json.loads((component / "config.json").read_text()) else "transformers"
+
+
+def bnb_provider(src: Path, target: tuple[str, ...]) -> str:
+    libraries = sorted({library(src / name) for name in target})
+    return "+".join(libraries) + "+bnb"
+
+
+def targets(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    names = tuple(args.components)
+    return [(name,) for name in names] + ([names] if args.combined and len(names) > 1 else [])
+
+
+def inodes(folder: Path) -> set:
+    return {(p.stat().st_dev, p.stat().st_ino) for p in folder.rglob("*") if p.is_file()}
+
+
+def written_bytes(out: Path, *inputs: Path) -> int:
+    """Bytes of the files in ``out`` that are not hard links to a file of an input (those were not written)."""
+    linked = set().union(*(inodes(i) for i in inputs))
+    total = 0
+    for path in out.rglob("*"):
         if path.is_file():
             st = path.stat()
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
+            if (st.st_dev, st.st_ino) not in linked:
                 total += st.st_size
     return total
 
 
-def drop_page_cache() -> bool:
-    """Make both tools read the source from disk, not from what the previous step left in RAM (needs root)."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+def stats(values: list[float]) -> dict:
+    """median, and p20/p80 where there are at least 2 values."""
+    out = {"median": round(statistics.median(values), 4)}
+    if len(values) >= 2:
+        deciles = statistics.quantiles(values, n=10, method="inclusive")
+        out |= {"p20": round(deciles[1], 4), "p80": round(deciles[7], 4)}
+    return out
+
+
+def rows_of(op: str, provider: str, shape: str, notes: str, runs: list[dict]) -> list[dict]:
+    """One row per metric over repeated runs; ``runs`` are {metric: (unit, value)}."""
+    rows = []
+    for metric, (unit, _) in runs[0].items():
+        values = [run[metric][1] for run in runs if metric in run]
+        rows.append(_results.row(op, provider, shape, metric, unit, notes=notes, **stats(values)))
+    return rows
+
+
+# --- disk: outputs kept for later steps, evicted when space runs short ---------------------------------------------
+
+
+def make_room(bench: Bench, need: int, protect: tuple[Path, ...] = ()) -> bool:
+    """Delete kept outputs, least recently used first, until ``need`` bytes plus the reserve are free."""
+    reserve = int(bench.args.reserve_gb * GB)
+    bench.args.workdir.mkdir(parents=True, exist_ok=True)
+    kept = sorted(bench.keep_dir.glob("*"), key=lambda p: p.stat().st_mtime) if bench.keep_dir.exists() else []
+    kept = [p for p in kept if p not in protect]
+    while shutil.disk_usage(bench.args.workdir).free < need + reserve and kept:
+        victim = kept.pop(0)
+        print(f"  disk: removing kept {victim.name} to make room", file=sys.stderr)
+        shutil.rmtree(victim)
+    free = shutil.disk_usage(bench.args.workdir).free
+    return free >= need + reserve
+
+
+def source_bytes(bench: Bench, target: tuple[str, ...]) -> int:
+    return _flux_source.header_stats(_flux_source.component_files(bench.src, list(target)))["bytes"]
+
+
+def guard(bench: Bench, what: str, need: int, protect: tuple[Path, ...] = ()) -> bool:
+    if make_room(bench, need, protect):
         return True
-    except OSError:
-        return False
+    free = shutil.disk_usage(bench.args.workdir).free
+    message = f"{what}: skipped, needs {need / GB:.1f} GB + {bench.args.reserve_gb} GB reserve, {free / GB:.1f} free"
+    print("  " + message, file=sys.stderr)
+    bench.skipped.append(message)
+    return False
 
 
-# --- 1. the synthetic source ----------------------------------------------------------------------------------
+# --- page cache ---------------------------------------------------------------------------------------------------
 
 
-def regenerate(component: Path, overrides: dict, shard_bytes: int | None, seed: int) -> None:
-    """Re-make one component at full size: config overrides, then random bf16 weights for the same key set."""
-    import torch
-
-    from qtool.io import ShardedWriter, scan_component
-    from qtool.plan import build_meta_model, detect_library, read_json
-
-    config = read_json(component / "config.json") | overrides
-    (component / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tiny = scan_component(component)
-    library, class_name = detect_library(config, component)
-    shapes = {k: tuple(v.shape) for k, v in build_meta_model(library, class_name, component).state_dict().items()}
-    # The full model has more blocks than the tiny one: keep every key whose name, block numbers aside, is one the
-    # tiny save_pretrained wrote (this drops what save_pretrained drops, e.g. T5's tied encoder.embed_tokens).
-    saved = {re.sub(r"\.\d+\.", ".N.", key) for key in tiny.tensors}
-    keys = [key for key in shapes if re.sub(r"\.\d+\.", ".N.", key) in saved]
-    for path in component.iterdir():
-        if path.name.endswith((".safetensors", ".safetensors.index.json")):
-            path.unlink()
-    generator = torch.Generator(DEVICE).manual_seed(seed)
-    with ShardedWriter(component, tiny.base_name, shard_bytes or 10**12) as writer:
-        for key in keys:
-            shape = shapes[key]
-            if "norm" in key and len(shape) == 1:
-                tensor = torch.ones(shape, dtype=torch.bfloat16, device=DEVICE)
-            else:
-                tensor = torch.randn(shape, generator=generator, device=DEVICE, dtype=torch.float32)
-                tensor = tensor.mul_(0.02).to(torch.bfloat16)
-            writer.add_group({key: tensor})
-            del tensor
+def page_cache(bench: Bench, folder: Path, target: tuple[str, ...], state: str) -> str:
+    """Put the target's files in the given cache state; returns the notes' words for it."""
+    files = _flux_source.component_files(folder, list(target))
+    if state == "cold":
+        how = _pagecache.evict(files)
+        print(f"  page cache: evicted ({how}), {_pagecache.resident(files):.1%} of the files resident", file=sys.stderr)
+        return f"page cache cold ({how})"
+    if _pagecache.resident(files) < 0.99:
+        read_in_child(bench, folder, target, 16)
+    print(f"  page cache: {_pagecache.resident(files):.1%} of the files resident", file=sys.stderr)
+    return "page cache warm"
 
 
-def make_source(src: Path, size: str) -> None:
-    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_flux.py"), str(src), "--overwrite"], check=True)
-    if size == "dev":
-        for seed, (name, overrides) in enumerate(DEV_CONFIGS.items()):
-            regenerate(src / name, overrides, DEV_SHARD_BYTES.get(name), seed)
+def read_in_child(bench: Bench, folder: Path, target: tuple[str, ...], threads: int) -> tuple[int, float]:
+    """Read the target's files in a child process, timed there; returns (bytes, seconds). Never in this process:
+    a child started by vfork inherits its parent's peak RSS as its own ru_maxrss, so the parent must stay small."""
+    cmd = child_cmd("read", folder, folder, target, str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=bench.args.workdir, env=bench.env(), check=True)
+    report = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))
+    return report["bytes"], report["seconds"]
 
 
-# --- 2. the tools, each in its own process -----------------------------------------------------------------------
-
-
-def run_qtool(src: Path, out: Path) -> dict:
-    from qtool.api import quantize_checkpoint
-    from qtool.spec import QuantSpec
-
-    result = quantize_checkpoint(src, spec=QuantSpec(double_quant=True), output=out, device=DEVICE, overwrite=True)
-    return {"components": {c.name: c.seconds for c in result.components}}
-
-
-def run_bnb(src: Path, out: Path) -> dict:
-    import diffusers
-    import torch
-    import transformers
-
-    from qtool.api import _copy_entry
-
-    kwargs = {
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": True,
-        "bnb_4bit_compute_dtype": torch.bfloat16,
+def record_source(bench: Bench, target: tuple[str, ...]) -> None:
+    if target in bench.recorded_sources:
+        return
+    bench.recorded_sources.add(target)
+    info = _flux_source.header_stats(_flux_source.component_files(bench.src, list(target)))
+    figures = {
+        "size": ("GB", round(info["bytes"] / GB, 3)),
+        "parameters": ("1e9", round(info["parameters"] / 1e9, 3)),
+        "largest_tensor": ("GB", round(info["largest_tensor_bytes"] / GB, 4)),
     }
+    bench.emit(rows_of("source", "synthetic", bench.shape(target), "random bf16 weights", [figures]))
+
+
+# --- step: read -----------------------------------------------------------------------------------------------------
+
+
+def step_read(bench: Bench) -> None:
+    for target in targets(bench.args):
+        record_source(bench, target)
+        for threads in (1, *bench.args.read_threads):
+            for state in ("cold", "warm"):
+                runs, notes = [], ""
+                for _ in range(bench.args.repeat):
+                    cache = page_cache(bench, bench.src, target, state)
+                    n, seconds = read_in_child(bench, bench.src, target, threads)
+                    runs.append(
+                        {"wall": ("s", round(seconds, 4)), "read_bandwidth": ("GB/s", round(n / seconds / GB, 3))}
+                    )
+                    how = "16 MiB readinto, one file after another" if threads == 1 else "64 MiB ranges, os.preadv"
+                    notes = f"{cache}; {how}"
+                provider = f"read-{threads}-thread" + ("s" if threads > 1 else "")
+                print(f"  read {bench.shape(target)} {provider} {state}: {seconds:.2f} s", file=sys.stderr)
+                bench.emit(rows_of("read", provider, bench.shape(target), notes, runs))
+
+
+# --- running the tools --------------------------------------------------------------------------------------------
+
+
+def qtool_cmd(bench: Bench, verb: str, src: Path, out: Path, target: tuple[str, ...], flags: list[str]) -> list[str]:
+    cmd = [sys.executable, "-c", PROBE, verb, str(src), *flags, "--components", ",".join(target)]
+    return cmd + ["--output", str(out), "--json", "--device", bench.device]
+
+
+def child_cmd(kind: str, src: Path, out: Path, target: tuple[str, ...], method: str = "") -> list[str]:
+    return [sys.executable, str(BENCH / "_children.py"), kind, str(src), str(out), ",".join(target), method]
+
+
+def shown(cmd: list[str]) -> str:
+    """A command as a person would type it (the probe hook shown as `-m qtool`)."""
+    words = ["python", "-m", "qtool", *cmd[3:]] if cmd[1:3] == ["-c", PROBE] else ["python", *cmd[1:]]
+    return " ".join(words)
+
+
+def run_tool(bench: Bench, label: str, cmd: list[str], out: Path, inputs: tuple[Path, ...]) -> dict | None:
+    """Run one measured process writing ``out``; returns its figures {metric: (unit, value)}, or None if it failed."""
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    seconds = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = bench.args.workdir / "logs" / label
+    probe = log.with_suffix(".probe.json")
+    probe.unlink(missing_ok=True)
+    env = bench.env() | {"QTOOL_E2E_PROBE": str(probe)}
+    print(f"  $ {shown(cmd)}", file=sys.stderr)
+    m = _proc.run_measured(cmd, cwd=bench.args.workdir, env=env, log=log, sample_gpu=bench.cuda)
+    if m.returncode != 0:
+        print(m.stderr[-3000:], file=sys.stderr)
+        bench.failures.append(f"{label}: exit code {m.returncode} (log {log}.err)")
+        shutil.rmtree(out, ignore_errors=True)
+        return None
     start = time.perf_counter()
-    if CUDA:
-        on_device, device_map = contextlib.nullcontext(), None
+    os.sync()
+    figures = {
+        "wall": ("s", round(m.wall_s, 3)),
+        "peak_rss": ("GB", round(m.peak_rss_bytes / GB, 3)),
+        "written": ("GB", round(written_bytes(out, *inputs) / GB, 3)),
+        "sync_after": ("s", round(time.perf_counter() - start, 3)),
+    }
+    if m.peak_gpu_nvml_bytes is not None:
+        metric = "peak_gpu_nvml" if m.nvml_how == "per-process" else "peak_gpu_nvml_device"
+        figures[metric] = ("GB", round(m.peak_gpu_nvml_bytes / GB, 3))
+    report = {}
+    lines = [line for line in m.stdout.splitlines() if line.startswith("RESULT ")]
+    if lines:  # our own children
+        report = json.loads(lines[-1].removeprefix("RESULT "))
+    elif probe.exists():  # qtool under the hook: --json's object on stdout
+        try:
+            report = json.loads(m.stdout) | json.loads(probe.read_text())
+        except ValueError:
+            print("  (qtool's --json output did not parse; its stage times are not recorded)", file=sys.stderr)
+    if report.get("peak_gpu_torch_bytes") is not None and bench.cuda:
+        figures["peak_gpu_torch"] = ("GB", round(report["peak_gpu_torch_bytes"] / GB, 3))
+    if isinstance(report.get("seconds"), int | float):
+        figures["in_process"] = ("s", round(report["seconds"], 3))
+        figures["startup_and_exit"] = ("s", round(m.wall_s - report["seconds"], 3))
+    for name, value in stage_seconds(report).items():
+        figures[f"stage:{name}"] = ("s", round(value, 3))
+    bench.workaround = report.get("workaround", "")
+    print("  " + ", ".join(f"{k} {v[1]} {v[0]}" for k, v in figures.items() if ":" not in k), file=sys.stderr)
+    return figures
+
+
+def stage_seconds(report: dict) -> dict[str, float]:
+    """Every timing in a tool's JSON report besides the total, named by its path: any number under a key that says
+    seconds (our children's ``stage_seconds``; qtool's per component, and per-stage busy times where it has them)."""
+    found = {}
+    skip = ("components", "seconds", "stage_seconds")
+
+    def walk(value, path: list[str]) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, path + [key])
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                name = item.get("name", str(i)) if isinstance(item, dict) else str(i)
+                walk(item, path + [name])
+        elif isinstance(value, int | float) and not isinstance(value, bool) and any("seconds" in p for p in path):
+            words = [p.removesuffix("_seconds") for p in path if p not in skip]
+            if words:
+                found[".".join(words)] = float(value)
+
+    walk({k: v for k, v in report.items() if k != "seconds"}, [])
+    return found
+
+
+def triton_notes(bench: Bench, op: str) -> tuple[str, Path | None]:
+    """The Triton-cache words for the notes, and the marker to create once a run of this op has compiled."""
+    if not bench.cuda:
+        return "PyTorch reference on the CPU", None
+    marker = bench.triton_dir / f".e2e-warm-{op}"
+    return ("Triton cache warm" if marker.exists() else "Triton cache cold"), marker
+
+
+def measure_qtool(bench: Bench, op: str, verb: str, src: Path, target, flags, inputs, keep: Path | None) -> None:
+    """qtool's runs of one op on one target: a Triton-cache-cold run first where the cache is empty, then the warm
+    ones, in each page-cache state asked for; the last output is kept at ``keep`` for later steps."""
+    out = bench.out_dir / f"{op}-{'+'.join(target)}"
+    for state in bench.args.page_cache:
+        runs, notes = [], ""
+        while len(runs) < bench.args.repeat:
+            cache = page_cache(bench, src, target, state)
+            triton, marker = triton_notes(bench, op)
+            figures = run_tool(
+                bench, f"qtool-{op}-{'+'.join(target)}", qtool_cmd(bench, verb, src, out, target, flags), out, inputs
+            )
+            if figures is None:
+                return
+            if marker is not None and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                bench.emit(rows_of(op, "qtool", bench.shape(target), f"{cache}; {triton}", [figures]))
+                continue
+            runs.append(figures)
+            notes = f"{cache}; {triton}"
+        bench.emit(rows_of(op, "qtool", bench.shape(target), notes, runs))
+    if keep is not None:
+        shutil.rmtree(keep, ignore_errors=True)
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        out.rename(keep)
     else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from bnb_loading import diffusers_on_cpu
-
-        on_device, device_map = diffusers_on_cpu(), "cpu"
-    with on_device:
-        model = diffusers.FluxTransformer2DModel.from_pretrained(
-            src / "transformer",
-            quantization_config=diffusers.BitsAndBytesConfig(**kwargs),
-            torch_dtype=torch.bfloat16,
-            device_map=device_map,
-        )
-    model.save_pretrained(out / "transformer")
-    del model
-    seconds["transformer"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model = transformers.T5EncoderModel.from_pretrained(
-        src / "text_encoder_2", quantization_config=transformers.BitsAndBytesConfig(**kwargs), dtype=torch.bfloat16
-    )
-    model.save_pretrained(out / "text_encoder_2")
-    del model
-    seconds["text_encoder_2"] = time.perf_counter() - start
-    for entry in src.iterdir():
-        if entry.name not in COMPONENTS:
-            _copy_entry(entry, out / entry.name)
-    return {"components": seconds}
+        shutil.rmtree(out, ignore_errors=True)
 
 
-def child(tool: str, src: Path, out: Path) -> None:
-    """Run one tool in this (fresh) process and print one JSON line with its time and peak memory."""
-    import torch
-
-    start = time.perf_counter()
-    report = {"qtool": run_qtool, "bnb": run_bnb}[tool](src, out)
-    report["seconds"] = time.perf_counter() - start
-    report["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if CUDA else 0
-    print("RESULT " + json.dumps(report), flush=True)
+def kept_name(method: str, target: tuple[str, ...]) -> str:
+    return f"qtool-{method}-{'+'.join(target)}"
 
 
-def measure(tool: str, src: Path, out: Path) -> dict:
-    dropped = drop_page_cache()
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", tool, "--workdir", str(src.parent)],
-        capture_output=True,
-        text=True,
-        cwd=src.parent,  # not the repo root, whose kernels/ folder would shadow the PyPI `kernels` bnb probes for
-    )
-    sys.stderr.write(proc.stderr[-4000:])
-    if proc.returncode != 0:
-        raise SystemExit(f"{tool} failed with exit code {proc.returncode}")
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    report = json.loads(line.removeprefix("RESULT "))
-    report["page_cache_dropped"] = dropped
-    return report
+def ensure_quantized(bench: Bench, method: str, target: tuple[str, ...], protect: tuple[Path, ...] = ()) -> Path | None:
+    """qtool's output of this method and target, from an earlier step if kept, else made now (not measured)."""
+    keep = bench.keep_dir / kept_name(method, target)
+    if keep.exists():
+        os.utime(keep)
+        return keep
+    need = int(METHODS[method]["ratio"] * source_bytes(bench, target))
+    if not guard(bench, f"quantize {method} {'+'.join(target)} as input", need, protect):
+        return None
+    print(f"  preparing {keep.name} (not measured)", file=sys.stderr)
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    cmd = qtool_cmd(bench, "quantize", bench.src, keep, target, METHODS[method]["flags"])
+    log = bench.args.workdir / "logs" / f"prepare-{keep.name}"
+    m = _proc.run_measured(cmd, cwd=bench.args.workdir, env=bench.env(), log=log, sample_gpu=False)
+    if m.returncode != 0:
+        print(m.stderr[-3000:], file=sys.stderr)
+        bench.failures.append(f"prepare {keep.name}: exit code {m.returncode} (log {log}.err)")
+        return None
+    _, marker = triton_notes(bench, f"quantize-{METHODS[method]['op']}")
+    if marker is not None:
+        marker.touch()
+    return keep
 
 
-# --- 3. checks -------------------------------------------------------------------------------------------------
+# --- steps: quantize and dequantize -------------------------------------------------------------------------------
 
 
-def compare(ours: Path, theirs: Path) -> tuple[bool, int, int]:
-    """Key sets, dtypes and shapes of the quantized components, and how many tensor bytes differ."""
-    import torch
-
-    from qtool.io import TensorReader, scan_component
-
-    keys_equal, differing, compared = True, 0, 0
-    for name in COMPONENTS:
-        a, b = scan_component(ours / name), scan_component(theirs / name)
-        if {k: (i.dtype, i.shape) for k, i in a.tensors.items()} != {
-            k: (i.dtype, i.shape) for k, i in b.tensors.items()
-        }:
-            keys_equal = False
-            print(f"{name}: key sets, dtypes or shapes differ", file=sys.stderr)
+def step_qtool(bench: Bench, method: str) -> None:
+    spec = METHODS[method]
+    op = f"quantize-{spec['op']}"
+    for target in targets(bench.args):
+        record_source(bench, target)
+        if not guard(bench, f"{op} {'+'.join(target)}", int(spec["ratio"] * source_bytes(bench, target))):
             continue
-        with TensorReader(a) as ra, TensorReader(b) as rb:
-            for key in a.tensors:
-                x, y = ra.read(key).to(DEVICE), rb.read(key).to(DEVICE)
-                raw_x, raw_y = x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)
-                differing += int((raw_x != raw_y).sum())
-                compared += raw_x.numel()
-    return keys_equal, differing, compared
+        keep = bench.keep_dir / kept_name(method, target)
+        measure_qtool(bench, op, "quantize", bench.src, target, spec["flags"], (bench.src,), keep)
 
 
-def loads_and_runs(folder: Path) -> bool:
+def step_bnb(bench: Bench, method: str) -> None:
+    spec = METHODS[method]
+    op = f"quantize-{spec['op']}"
+    for target in targets(bench.args):
+        record_source(bench, target)
+        provider = bnb_provider(bench.src, target)
+        if not guard(bench, f"{op} {'+'.join(target)} by {provider}", int(spec["ratio"] * source_bytes(bench, target))):
+            continue
+        out = bench.out_dir / f"bnb-{method}-{'+'.join(target)}"
+        for state in bench.args.page_cache:
+            runs, notes = [], ""
+            for _ in range(bench.args.repeat):
+                notes = page_cache(bench, bench.src, target, state)
+                cmd = child_cmd("bnb-quantize", bench.src, out, target, method)
+                figures = run_tool(bench, f"bnb-{method}-{'+'.join(target)}", cmd, out, (bench.src,))
+                if figures is None:
+                    break
+                runs.append(figures)
+            if runs:
+                bench.emit(rows_of(op, provider, bench.shape(target), notes, runs))
+        if out.exists() and bench.args.compare:
+            ours = ensure_quantized(bench, method, target, protect=(out,))
+            if ours is not None:
+                compare_outputs(bench, op, provider, target, ours, out)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def compare_outputs(bench: Bench, op: str, provider: str, target, ours: Path, theirs: Path) -> None:
+    cmd = child_cmd("compare", ours, theirs, target)
+    log = bench.args.workdir / "logs" / f"compare-{ours.name}"
+    m = _proc.run_measured(cmd, cwd=bench.args.workdir, env=bench.env(), log=log, sample_gpu=False)
+    lines = [line for line in m.stdout.splitlines() if line.startswith("RESULT ")]
+    if m.returncode != 0 or not lines:
+        bench.failures.append(f"compare {ours.name}: exit code {m.returncode} (log {log}.err)")
+        return
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    print(f"  compare qtool vs {provider}: {result}", file=sys.stderr)
+    shape, who = bench.shape(target), f"qtool vs {provider}"
+    how = "key sets, dtypes and shapes equal; tensor bytes that differ"
+    bench.emit(
+        [
+            _results.row(op, who, shape, "keys_equal", "bool", int(result["keys_equal"]), notes=how),
+            _results.row(op, who, shape, "differing_bytes", "bytes", result["differing"], notes=how),
+            _results.row(op, who, shape, "compared_bytes", "bytes", result["compared"], notes=how),
+        ]
+    )
+
+
+def step_dequant(bench: Bench, method: str, tool: str) -> None:
+    op = f"dequantize-{METHODS[method]['op']}"
+    for target in targets(bench.args):
+        record_source(bench, target)
+        if tool == "bnb" and not bench.cuda and "diffusers" in {library(bench.src / n) for n in target}:
+            message = f"{op} {'+'.join(target)} by bnb: skipped, diffusers' dequantize() moves the model to CUDA"
+            print("  " + message, file=sys.stderr)
+            bench.skipped.append(message)
+            continue
+        kept = bench.keep_dir / kept_name(method, target)
+        need = int((1 + (0 if kept.exists() else METHODS[method]["ratio"])) * source_bytes(bench, target))
+        if not guard(bench, f"{op} {'+'.join(target)} by {tool}", need, protect=(kept,)):
+            continue
+        quantized = ensure_quantized(bench, method, target)
+        if quantized is None:
+            continue
+        if tool == "qtool":
+            measure_qtool(bench, op, "dequantize", quantized, target, [], (bench.src, quantized), None)
+            continue
+        provider = bnb_provider(bench.src, target)
+        out = bench.out_dir / f"bnb-dequant-{method}-{'+'.join(target)}"
+        for state in bench.args.page_cache:
+            runs, notes = [], ""
+            for _ in range(bench.args.repeat):
+                notes = page_cache(bench, quantized, target, state) + "; input written by qtool"
+                cmd = child_cmd("bnb-dequantize", quantized, out, target, method)
+                figures = run_tool(bench, f"bnb-dequant-{method}-{'+'.join(target)}", cmd, out, (bench.src, quantized))
+                if figures is None:
+                    break
+                runs.append(figures)
+                if bench.workaround:
+                    notes += f"; {bench.workaround}"
+            if runs:
+                bench.emit(rows_of(op, provider, bench.shape(target), notes, runs))
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def step_loads(bench: Bench) -> None:
+    """qtool's NF4 + double-quant output of every --components loads with FluxPipeline.from_pretrained and runs."""
+    target = tuple(bench.args.components)
+    if not bench.cuda:
+        bench.skipped.append("loads: skipped, needs a GPU")
+        return
+    folder = ensure_quantized(bench, "nf4dq", target)
+    if folder is None:
+        return
     code = f"""
 import torch
 from diffusers import FluxPipeline
@@ -284,90 +533,189 @@ assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q, bnb.nn.Linea
 assert isinstance(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q, bnb.nn.Linear4bit)
 image = pipe("a cat holding a sign", num_inference_steps=2, height=256, width=256, max_sequence_length=32,
              generator=torch.manual_seed(0), output_type="np").images
-print("finite", bool(__import__("numpy").isfinite(image).all()), image.shape)
+assert __import__("numpy").isfinite(image).all(), "non-finite pixels"
+print("image", image.shape)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder.parent)
-    print(proc.stdout.strip(), proc.stderr[-2000:] if proc.returncode else "", file=sys.stderr)
-    return proc.returncode == 0
+    log = bench.args.workdir / "logs" / "loads"
+    m = _proc.run_measured(
+        [sys.executable, "-c", code], cwd=bench.args.workdir, env=bench.env(), log=log, sample_gpu=False
+    )
+    print(f"  loads and runs: exit code {m.returncode} {m.stdout.strip()}", file=sys.stderr)
+    if m.returncode != 0:
+        print(m.stderr[-2000:], file=sys.stderr)
+    notes = "FluxPipeline.from_pretrained(out), no quantization arguments, 2 steps at 256x256"
+    bench.emit(
+        [
+            _results.row(
+                "quantize-nf4-dq",
+                "qtool",
+                bench.shape(target),
+                "loads_and_runs",
+                "bool",
+                int(m.returncode == 0),
+                notes=notes,
+            )
+        ]
+    )
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    import torch
-
-    def version(name: str) -> str:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return ""
-
-    return {
-        "gpu_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "bnb": version("bitsandbytes"),
-        "diffusers": version("diffusers"),
-        "transformers": version("transformers"),
-    }
+# --- plan, summary, main ------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, required=True, help="scratch folder (about 55 GB at --size dev)")
-    parser.add_argument("--size", choices=("dev", "tiny"), default="dev")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quantize_flux.csv")
-    parser.add_argument("--child", choices=("qtool", "bnb"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    src = args.workdir / "src"
-    if args.child:
-        child(args.child, src, args.workdir / f"out-{args.child}")
-        return
+def plan(bench: Bench, steps: list[str]) -> str:
+    """What a run would do, from the arguments and the disk alone (no torch)."""
+    args, lines = bench.args, []
+    src = bench.src
+    if _flux_source.is_complete(src, args.size):
+        lines.append(f"source: {src} (complete; reused)")
+    else:
+        lines.append(f"source: {src} missing: generated first (examples/make_tiny_flux.py; at dev, ~1-2 min on a GPU)")
+    for target in targets(args):
+        if _flux_source.is_complete(src, args.size):
+            info = _flux_source.header_stats(_flux_source.component_files(src, list(target)))
+            size, params = info["bytes"], f"{info['parameters'] / 1e9:.2f}B parameters"
+        elif args.size == "dev":
+            size, params = sum(_flux_source.DEV_BYTES[n] for n in target), "as FLUX.1-dev"
+        else:
+            size, params = None, "sizes known once generated"
+        lines.append(f"target {bench.shape(target)}: " + (f"{size / GB:.2f} GB ({params})" if size else params))
+    existing = args.workdir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    can_drop = os.access("/proc/sys/vm/drop_caches", os.W_OK)
+    lines += [
+        f"device: {bench.device}; disk free at {args.workdir}: {free / GB:.1f} GB (reserve {args.reserve_gb} GB)",
+        f"page cache: {', '.join(args.page_cache)}; eviction by {'drop_caches' if can_drop else 'fadvise DONTNEED'}",
+        f"Triton cache: {bench.triton_dir} (the first run of an op there is recorded as 'Triton cache cold')",
+        f"repeat: {args.repeat}; rows appended to {args.out}",
+        "steps:",
+    ]
+    target = targets(args)[0]
+    out = args.workdir / "out" / "OUT"
+    for step in steps:
+        lines.append(f"  {step}:")
+        if step == "read":
+            threads = ", ".join(str(t) for t in (1, *args.read_threads))
+            lines.append(f"    per target, page cache cold and warm, {threads} thread(s)")
+        elif step.startswith("qtool-dequant-"):
+            q = bench.keep_dir / kept_name(step.rsplit("-", 1)[1], target)
+            lines.append("    " + shown(qtool_cmd(bench, "dequantize", q, out, target, [])))
+        elif step.startswith("qtool-"):
+            flags = METHODS[step.split("-", 1)[1]]["flags"]
+            lines.append("    " + shown(qtool_cmd(bench, "quantize", src, out, target, flags)))
+        elif step.startswith("bnb-dequant-"):
+            q = bench.keep_dir / kept_name(step.rsplit("-", 1)[1], target)
+            lines.append("    " + shown(child_cmd("bnb-dequantize", q, out, target, step.rsplit("-", 1)[1])))
+        elif step.startswith("bnb-"):
+            lines.append("    " + shown(child_cmd("bnb-quantize", src, out, target, step.split("-", 1)[1])))
+        elif step == "loads":
+            what = "+".join(args.components)
+            lines.append(f"    FluxPipeline.from_pretrained(<qtool nf4dq output of {what}>) on the GPU, 2 steps")
+        if step not in ("read", "loads") and len(targets(args)) > 1:
+            lines.append(f"    (and likewise for {', '.join('+'.join(t) for t in targets(args)[1:])})")
+    return "\n".join(lines)
+
+
+def summary(bench: Bench) -> str:
+    rows = make_table.latest(_results.read(bench.args.out)) if bench.args.out.exists() else []
+    lines = [make_table.render_e2e(rows, source=str(bench.args.out), legend=False)]
+    # Children started by vfork inherit this process's peak RSS as their own ru_maxrss: it must stay far below theirs.
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    lines.append(f"this process's peak RSS, a floor under every child's: {parent / GB:.3f} GB")
+    lines += [f"skipped: {s}" for s in bench.skipped]
+    lines += [f"FAILED: {f}" for f in bench.failures]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qtool-e2e"), help="scratch folder (~65 GB at dev)")
+    parser.add_argument("--size", choices=("dev", "tiny"), default="dev", help="FLUX.1-dev's sizes, or the example's")
+    parser.add_argument("--out", type=Path, default=_results.RESULTS / "e2e.csv", help="CSV the rows are appended to")
+    parser.add_argument(
+        "--only",
+        default="all",
+        help=f"comma-separated steps, in this order whatever the order given: {','.join(STEPS)}",
+    )
+    parser.add_argument("--components", default=",".join(COMPONENTS), help="components measured, each alone")
+    parser.add_argument(
+        "--combined",
+        action=argparse.BooleanOptionalAction,
+        help="also measure all --components in one run (default: at dev yes, at tiny no: there it would only add "
+        "process start-ups)",
+    )
+    parser.add_argument(
+        "--page-cache", default="warm", help="page-cache states of the tool runs: warm, cold or warm,cold"
+    )
+    parser.add_argument("--read-threads", default="8", help="thread counts of the parallel reads (1 is always read)")
+    parser.add_argument("--repeat", type=int, default=1, help="measured runs per figure (median, p20, p80)")
+    parser.add_argument(
+        "--compare", action=argparse.BooleanOptionalAction, default=True, help="compare qtool's and bnb's outputs"
+    )
+    parser.add_argument(
+        "--reserve-gb", type=float, default=2.0, help="disk space left free; steps that would not fit skip"
+    )
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (sizes, steps, commands) and stop")
+    args = parser.parse_args(argv)
+    args.components = [c for c in args.components.split(",") if c]
+    args.combined = args.size == "dev" if args.combined is None else args.combined
+    args.page_cache = [s for s in args.page_cache.split(",") if s]
+    args.read_threads = [int(t) for t in args.read_threads.split(",") if t and int(t) > 1]
+    args.workdir = args.workdir.expanduser().resolve()
+    only = STEPS if args.only == "all" else tuple(s for s in args.only.split(",") if s)
+    unknown = sorted(set(only) - set(STEPS))
+    if unknown or set(args.page_cache) - {"warm", "cold"} or args.repeat < 1:
+        parser.error(f"unknown steps {unknown}" if unknown else "--page-cache takes warm and/or cold; --repeat >= 1")
+    args.steps = [s for s in STEPS if s in only]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cuda = args.device == "cuda" or (
+        args.device == "auto"
+        and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+        and shutil.which("nvidia-smi") is not None
+    )
+    bench = Bench(args=args, src=args.workdir / f"src-{args.size}", cuda=cuda)
+    print(plan(bench, args.steps), flush=True)
+    if args.dry_run:
+        return 0
 
     args.workdir.mkdir(parents=True, exist_ok=True)
+    # GPU, driver, versions and commit for every row, found by a child: importing torch here would raise this
+    # process's RSS, which children started by vfork inherit as a floor under their own ru_maxrss.
+    proc = subprocess.run(
+        child_cmd("environment", ROOT, ROOT, ()), capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    found = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))
+    _results.environment = lambda: found
     start = time.perf_counter()
-    make_source(src, args.size)
-    print(f"source: {folder_bytes(src) / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    reports = {tool: measure(tool, src, args.workdir / f"out-{tool}") for tool in ("bnb", "qtool")}
-    keys_equal, differing, compared = compare(args.workdir / "out-qtool", args.workdir / "out-bnb")
-    runs = loads_and_runs(args.workdir / "out-qtool") if CUDA else "not run (no GPU)"
-
-    common = versions() | {
-        "size": args.size,
-        "components": "+".join(COMPONENTS),
-        "method": "nf4-dq",
-        "source_gb": round(folder_bytes(src) / 1e9, 3),
-        "keys_equal": keys_equal,
-        "differing_bytes": differing,
-        "compared_bytes": compared,
-        "qtool_git_sha": git_sha(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    rows = []
-    for tool, report in reports.items():
-        rows.append(
-            common
-            | {
-                "tool": "qtool" if tool == "qtool" else "diffusers+transformers+bnb",
-                "seconds": round(report["seconds"], 2),
-                "peak_host_gb": round(report["peak_host_bytes"] / 1e9, 3),
-                "peak_gpu_gb": round(report["peak_gpu_bytes"] / 1e9, 3),
-                "output_gb": round(folder_bytes(args.workdir / f"out-{tool}") / 1e9, 3),
-                "loads_and_runs": runs if tool == "qtool" else "",
-                "page_cache_dropped": report["page_cache_dropped"],
-            }
-        )
-        print(f"{tool}: {json.dumps(report)}", file=sys.stderr)
-    new = not args.out.exists()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    for row in rows:
-        print(",".join(str(row[c]) for c in COLUMNS))
+    if _flux_source.ensure_source(bench.src, args.size):
+        print(f"source generated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    for step in args.steps:
+        print(f"== {step}", file=sys.stderr)
+        step_start = time.perf_counter()
+        if step == "read":
+            step_read(bench)
+        elif step.startswith("qtool-dequant-"):
+            step_dequant(bench, step.rsplit("-", 1)[1], "qtool")
+        elif step.startswith("bnb-dequant-"):
+            step_dequant(bench, step.rsplit("-", 1)[1], "bnb")
+        elif step.startswith("qtool-"):
+            step_qtool(bench, step.split("-", 1)[1])
+        elif step.startswith("bnb-"):
+            step_bnb(bench, step.split("-", 1)[1])
+        elif step == "loads":
+            step_loads(bench)
+        print(f"== {step}: {time.perf_counter() - step_start:.0f} s", file=sys.stderr)
+    print(summary(bench))
+    return 1 if bench.failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

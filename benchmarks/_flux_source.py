@@ -1,0 +1,156 @@
+"""A synthetic FLUX.1-dev pipeline for benchmarks: the real shapes, key names, configs and sharding, random weights.
+
+``--size tiny`` is examples/make_tiny_flux.py's folder as it is; ``--size dev`` re-makes every model component of that
+folder at FLUX.1-dev's real size (transformer 11.9B parameters, 23.8 GB bf16; T5-XXL encoder 4.8B; CLIP-L; the
+16-channel VAE) from random bf16 weights generated on the GPU. Key names and shapes come from the real classes built
+on the meta device; the key set is the one ``save_pretrained`` writes (taken from the tiny folder), sharded like the
+Hub repo (10 GB / 5 GB shards). A marker file written last says the folder is complete, so later runs reuse it.
+
+Reading what was generated (``component_files``, ``header_stats``) needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = ".e2e-source.json"
+# Bump when the generated weights or layout change, so that old folders are re-made rather than reused.
+GENERATOR_VERSION = 1
+
+# FLUX.1-dev's component configs (black-forest-labs/FLUX.1-dev, diffusers layout), applied over the tiny ones.
+DEV_CONFIGS = {
+    "transformer": {
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "in_channels": 64,
+        "out_channels": None,
+        "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": True,
+    },
+    "text_encoder_2": {  # google/t5-v1_1-xxl's encoder
+        "d_model": 4096,
+        "d_ff": 10240,
+        "d_kv": 64,
+        "num_heads": 64,
+        "num_layers": 24,
+        "num_decoder_layers": 24,
+        "vocab_size": 32128,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+    },
+    "text_encoder": {  # openai/clip-vit-large-patch14's text tower
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "projection_dim": 768,
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+    },
+    "vae": {
+        "block_out_channels": [128, 256, 512, 512],
+        "latent_channels": 16,
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "sample_size": 1024,
+    },
+}
+# save_pretrained's shard caps that give FLUX.1-dev's shard counts (transformer 3, T5 2).
+DEV_SHARD_BYTES = {"transformer": 10 * 10**9, "text_encoder_2": 5 * 10**9}
+# What --size dev generates (tensor bytes, bf16), for plans printed before anything exists; measured from the headers.
+DEV_BYTES = {
+    "transformer": 23_802_816_640,
+    "text_encoder_2": 9_524_621_312,
+    "text_encoder": 246_120_960,
+    "vae": 167_639_366,
+}
+
+
+def is_complete(src: Path, size: str) -> bool:
+    try:
+        marker = json.loads((src / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker == {"size": size, "generator": GENERATOR_VERSION}
+
+
+def ensure_source(src: Path, size: str) -> bool:
+    """Generate the pipeline in ``src`` unless a complete one for ``size`` is there; True if it was generated. The
+    dev weights are made in a child process, so that this one never holds GPU memory."""
+    if is_complete(src, size):
+        return False
+    shutil.rmtree(src, ignore_errors=True)
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_flux.py"), str(src), "--overwrite"], check=True)
+    if size == "dev":
+        for seed, name in enumerate(DEV_CONFIGS):
+            code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _flux_source as s; "
+            code += f"s.regenerate(s.Path({str(src / name)!r}), s.DEV_CONFIGS[{name!r}], {seed})"
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=src.parent)
+    (src / MARKER).write_text(json.dumps({"size": size, "generator": GENERATOR_VERSION}) + "\n")
+    return True
+
+
+def regenerate(component: Path, overrides: dict, seed: int) -> None:
+    """Re-make one component at full size: config overrides, then random bf16 weights for the same key set."""
+    import torch
+
+    from qtool.io import ShardedWriter, scan_component
+    from qtool.plan import build_meta_model, detect_library, read_json
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = read_json(component / "config.json") | overrides
+    (component / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tiny = scan_component(component)
+    library, class_name = detect_library(config, component)
+    shapes = {k: tuple(v.shape) for k, v in build_meta_model(library, class_name, component).state_dict().items()}
+    # The full model has more blocks than the tiny one: keep every key whose name, block numbers aside, is one the
+    # tiny save_pretrained wrote (this drops what save_pretrained drops, e.g. T5's tied encoder.embed_tokens).
+    saved = {re.sub(r"\.\d+\.", ".N.", key) for key in tiny.tensors}
+    keys = [key for key in shapes if re.sub(r"\.\d+\.", ".N.", key) in saved]
+    for path in component.iterdir():
+        if path.name.endswith((".safetensors", ".safetensors.index.json")):
+            path.unlink()
+    generator = torch.Generator(device).manual_seed(seed)
+    with ShardedWriter(component, tiny.base_name, DEV_SHARD_BYTES.get(component.name, 10**12)) as writer:
+        for key in keys:
+            shape = shapes[key]
+            if "norm" in key and len(shape) == 1:
+                tensor = torch.ones(shape, dtype=torch.bfloat16, device=device)
+            else:
+                tensor = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                tensor = tensor.mul_(0.02).to(torch.bfloat16)
+            writer.add_group({key: tensor})
+            del tensor
+
+
+def component_files(src: Path, components: list[str]) -> list[Path]:
+    """Every file of these component folders (weights, index, config), in name order."""
+    return sorted(p for name in components for p in (src / name).rglob("*") if p.is_file())
+
+
+def header_stats(files: list[Path]) -> dict:
+    """From the safetensors headers alone: total bytes and elements of the tensors, and the largest tensor's bytes."""
+    total = numel = largest = 0
+    for path in files:
+        if path.suffix != ".safetensors":
+            continue
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        for info in header.values():
+            start, end = info["data_offsets"]
+            total += end - start
+            numel += math.prod(info["shape"])
+            largest = max(largest, end - start)
+    return {"bytes": total, "parameters": numel, "largest_tensor_bytes": largest}
