@@ -1,7 +1,7 @@
 # Verbs mirror CI. Run them inside the project's virtual environment (see README.md).
 PYTEST ?= pytest
 
-.PHONY: test test-gpu lint format
+.PHONY: test test-gpu lint format bench-e2e perf-table
 
 # CPU: the Triton kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
 test:
@@ -18,3 +18,14 @@ lint:
 format:
 	ruff format .
 	ruff check --fix .
+
+# On a CUDA machine (~65 GB free disk, 20+ minutes; `--dry-run` shows the plan, `--only` splits it): qtool against
+# diffusers/transformers + bitsandbytes and plain reads on a FLUX.1-dev-sized synthetic pipeline. Appends to
+# benchmarks/results/e2e.csv; then `make perf-table`.
+E2E_ARGS ?=
+bench-e2e:
+	python benchmarks/e2e_quantize.py $(E2E_ARGS)
+
+# README's performance tables, regenerated from benchmarks/results/*.csv (tests/test_benchmarks.py checks them).
+perf-table:
+	python benchmarks/make_table.py
