@@ -1,0 +1,143 @@
+"""The benchmark scripts as CI sees them: every ``benchmarks/*.py`` answers ``--help`` and ``--dry-run`` (which
+measure nothing), README's performance section is what ``make_table.py`` makes of the committed CSVs, and
+``make_table``'s choice of the latest run per figure.
+
+Benchmarks themselves are not tests: they need a GPU and minutes. These run in a few seconds on the CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+# Scripts whose --help and --dry-run must not import torch (a plan is printed from arguments and file headers).
+TORCH_FREE = {"e2e_quantize.py", "make_table.py"}
+# Runs a script as __main__ and reports at exit whether torch got imported.
+WRAPPER = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print('torch imported' if 'torch' in sys.modules else '', file=sys.stderr))\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
+
+
+def load_make_table():
+    spec = importlib.util.spec_from_file_location("make_table", BENCHMARKS / "make_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_benchmark_is_listed():
+    assert {"e2e_quantize.py", "make_table.py", "bench_codecs.py"} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--dry-run"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_and_dry_run(script, flag, tmp_path):
+    """CI's only check of a benchmark: it starts, says what it would do, and measures nothing."""
+    before = {p: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob("*")}
+    proc = subprocess.run(
+        [sys.executable, "-c", WRAPPER, str(BENCHMARKS / script), flag],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip(), "printed nothing on stdout"
+    if script in TORCH_FREE:
+        assert "torch imported" not in proc.stderr
+    after = {p: p.stat().st_mtime_ns for p in (BENCHMARKS / "results").glob("*")}
+    assert after == before, "a --help or --dry-run wrote results"
+
+
+def test_e2e_dry_run_lists_shapes_and_commands(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "e2e_quantize.py"), "--dry-run", "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for expected in ("flux-dev transformer:", "flux-dev text_encoder_2:", "flux-dev transformer+text_encoder_2:"):
+        assert expected in proc.stdout
+    assert "python -m qtool quantize" in proc.stdout and "--bits 4 --nf4 --double-quant" in proc.stdout
+    assert not (tmp_path / "w").exists(), "--dry-run created the workdir"
+
+
+def test_readme_tables_match_the_committed_csvs():
+    """README's performance section is generated: regenerate with `python benchmarks/make_table.py`."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "make_table.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns = [
+        "op", "provider", "shape", "metric", "unit", "median", "p20", "p80", "notes",
+        "gpu", "driver", "torch", "triton", "bnb", "diffusers", "transformers", "git_commit", "date",
+    ]  # fmt: skip
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"unit": "s", "gpu": "H100", **row})
+
+
+def test_latest_run_per_figure(tmp_path):
+    """The latest date wins per (op, provider, shape, metric, notes), wherever it sits in the file; a tie goes to
+    the later row; different notes are different figures."""
+    make_table = load_make_table()
+    key = {"op": "quantize-nf4-dq", "provider": "qtool", "shape": "flux-dev transformer", "metric": "wall"}
+    rows = [
+        {**key, "notes": "page cache warm", "median": "9", "git_commit": "new", "date": "2026-11-26T10:00:00+00:00"},
+        {**key, "notes": "page cache warm", "median": "12", "git_commit": "old", "date": "2026-11-25T10:00:00+00:00"},
+        {**key, "notes": "page cache cold", "median": "30", "git_commit": "old", "date": "2026-11-25T10:00:00+00:00"},
+        {**key, "notes": "page cache cold", "median": "31", "git_commit": "tie", "date": "2026-11-25T10:00:00+00:00"},
+        {**key, "metric": "peak_rss", "unit": "GB", "notes": "page cache warm", "median": "1.5", "date": "2026-11-24"},
+    ]
+    write_csv(tmp_path / "e2e.csv", rows)
+    tables, old = make_table.load(tmp_path)
+    assert old == []
+    chosen = {(r["metric"], r["notes"]): r["median"] for r in make_table.latest(tables["e2e.csv"])}
+    assert chosen == {
+        ("wall", "page cache warm"): "9",
+        ("wall", "page cache cold"): "31",
+        ("peak_rss", "page cache warm"): "1.5",
+    }
+
+
+def test_missing_and_old_csvs_render_without_crashing(tmp_path):
+    make_table = load_make_table()
+    (tmp_path / "quantize_flux.csv").write_text("tool,size,seconds\nqtool,dev,57.9\n")
+    block = make_table.render(tmp_path)
+    assert block.count("Not measured yet") == 2
+    assert "quantize_flux.csv" in block and "57.9" not in block
+
+
+def test_check_fails_until_the_readme_is_regenerated(tmp_path):
+    make_table = load_make_table()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{make_table.BEGIN}\nhand-typed 57.9 s\n{make_table.END}\n\nrest\n")
+    results = tmp_path / "results"
+    results.mkdir()
+    args = ["--results", str(results), "--readme", str(readme)]
+    assert make_table.main([*args, "--check"]) == 1
+    assert make_table.main(args) == 0
+    assert make_table.main([*args, "--check"]) == 0
+    assert "57.9" not in readme.read_text() and readme.read_text().endswith("\n\nrest\n")
+    key = {"op": "read", "provider": "read-1-thread", "shape": "flux-dev transformer", "notes": "page cache cold"}
+    write_csv(results / "e2e.csv", [{**key, "metric": "wall", "median": "19.8", "date": "2026-11-26"}])
+    assert make_table.main([*args, "--check"]) == 1
+    assert make_table.main(args) == 0
+    assert "19.8" in readme.read_text()
