@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from qtool.reference.codebooks import NESTED_BLOCKSIZE, NF4_BUCKETS, fp4_thresholds, nf4_buckets, nf4_midpoints
+from qtool.reference.codebooks import (
+    FP4_BUCKETS,
+    NESTED_BLOCKSIZE,
+    NF4_BUCKETS,
+    fp4_buckets,
+    fp4_thresholds,
+    nf4_buckets,
+    nf4_midpoints,
+)
 from qtool.reference.quant4 import check_4bit_args, check_4bit_layout, check_nested
 
 from ._common import (
@@ -34,7 +42,8 @@ from ._common import (
 # benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
 QUANTIZE_TILE = 16384 if INTERPRETING else 2048
 QUANTIZE_WARPS = 2
-NF4_SEARCH = 0
+# 4-bit code search: 0 comparison trees, 1 NF4 thresholds gathered by index, 2 bucket tables (NF4 and FP4).
+NF4_SEARCH = 2
 DEQUANTIZE_TILE = 16384 if INTERPRETING else 4096
 DEQUANTIZE_WARPS = 8
 
@@ -89,6 +98,16 @@ def _nf4_code_buckets(s, table_ptr, NBUCKETS: tl.constexpr):
     b = tl.minimum(tl.maximum(b, 0), NBUCKETS - 1)
     base = tl.load(table_ptr + NBUCKETS + b).to(tl.int32)
     return base + (s > tl.load(table_ptr + b)).to(tl.int32)
+
+
+@triton.jit
+def _fp4_code_buckets(s, table_ptr, NBUCKETS: tl.constexpr):
+    # codebooks.fp4_buckets over |s| in [0, 1]; k = #{t < |s|} as in _fp4_code, then its magnitude code
+    # (c2 ^ c1, c1, c0), i.e. k ^ ((k & 2) << 1). NaN clamps into slice 0, whose threshold NaN does not exceed.
+    a = tl.abs(s)
+    b = tl.minimum(tl.maximum((a * NBUCKETS).to(tl.int32), 0), NBUCKETS - 1)
+    k = tl.load(table_ptr + NBUCKETS + b).to(tl.int32) + (a > tl.load(table_ptr + b)).to(tl.int32)
+    return (s < 0).to(tl.int32) * 8 + (k ^ ((k & 2) << 1))
 
 
 @triton.jit
@@ -157,6 +176,7 @@ def _quantize_4bit_kernel(
     MAX_SKIPS_NAN: tl.constexpr,  # tl.max ignores NaN (GPU); the interpreter's does not
     NF4_SEARCH: tl.constexpr,  # 0: select tree, 1: thresholds gathered by index, 2: buckets (thr_ptr = nf4_buckets)
     NBUCKETS: tl.constexpr,
+    FP4_BUCKETS: tl.constexpr,  # > 0: FP4 by buckets (thr_ptr = fp4_buckets); 0: the comparison tree
     EVEN: tl.constexpr,  # every program's tile lies inside the tensor: no masks (vector stores)
     # tile constexprs
     BLOCKS: tl.constexpr,  # quantization blocks per program
@@ -186,6 +206,9 @@ def _quantize_4bit_kernel(
     elif IS_NF4:
         hi = _nf4_code(even * recip, thr_ptr)
         lo = _nf4_code(odd * recip, thr_ptr)
+    elif FP4_BUCKETS > 0:
+        hi = _fp4_code_buckets(even * recip, thr_ptr, FP4_BUCKETS)
+        lo = _fp4_code_buckets(odd * recip, thr_ptr, FP4_BUCKETS)
     else:
         hi = _fp4_code(even * recip, thr_ptr)
         lo = _fp4_code(odd * recip, thr_ptr)
@@ -295,7 +318,7 @@ def quantize_4bit(
     absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
     search = NF4_SEARCH if nf4_search is None else nf4_search
     if quant_type == "fp4":
-        thresholds = fp4_thresholds(w.device)
+        thresholds = fp4_buckets(w.device) if search else fp4_thresholds(w.device)
     else:
         thresholds = nf4_buckets(w.device) if search == 2 else nf4_midpoints(w.device)
     pairs = _pairs_view(w)
@@ -316,6 +339,7 @@ def quantize_4bit(
             MAX_SKIPS_NAN=not INTERPRETING,
             NF4_SEARCH=search,
             NBUCKETS=NF4_BUCKETS,
+            FP4_BUCKETS=FP4_BUCKETS if search else 0,
             EVEN=n % (blocks * blocksize) == 0,
             BLOCKS=blocks,
             **warps_option(num_warps, QUANTIZE_WARPS),

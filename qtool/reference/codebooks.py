@@ -89,7 +89,10 @@ def _on_device(name: str, device: torch.device) -> torch.Tensor:
         "nf4_midpoints": lambda: (_quant_map_cpu("nf4")[:-1] + _quant_map_cpu("nf4")[1:]) / 2,
         "fp4_thresholds": lambda: torch.tensor(FP4_THRESHOLDS, dtype=torch.float32),
         "dynamic": lambda: _dynamic_map_cpu(),
-        "nf4_buckets": lambda: _nf4_buckets_cpu(),
+        "nf4_buckets": lambda: _bucket_table(
+            _on_device("nf4_midpoints", torch.device("cpu")).tolist(), -1, NF4_BUCKETS
+        ),
+        "fp4_buckets": lambda: _bucket_table(torch.tensor(FP4_THRESHOLDS).tolist(), 0, FP4_BUCKETS),
     }
     if name not in tables:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {name!r}")
@@ -108,23 +111,24 @@ def nf4_midpoints(device: torch.device | str = "cpu") -> torch.Tensor:
     return _on_device("nf4_midpoints", torch.device(device))
 
 
-# NF4_BUCKETS equal slices of [-1, 1]; each holds at most one NF4 midpoint, none closer than 1.6e-3 to a slice edge
-# (tests/reference/test_codebooks.py), so float32 rounding of the slice index can never cross a midpoint.
+# Bucket tables for the kernels' code search. [-1, 1] (NF4, over s) or [0, 1] (FP4, over |s|) is cut into equal
+# slices; each holds at most one decision threshold, none closer than 1e-3 to a slice edge
+# (tests/reference/test_codebooks.py), so float32 rounding of the slice index can never cross a threshold.
 NF4_BUCKETS = 32
+FP4_BUCKETS = 16
 
 
-@functools.cache
-def _nf4_buckets_cpu() -> torch.Tensor:
-    mids = _on_device("nf4_midpoints", torch.device("cpu")).tolist()
-    thresholds, bases = [], []
-    for j in range(NF4_BUCKETS):
-        lo, hi = j / (NF4_BUCKETS / 2) - 1, (j + 1) / (NF4_BUCKETS / 2) - 1
-        inside = [m for m in mids if lo <= m < hi]
+def _bucket_table(thresholds: list[float], lo: float, buckets: int) -> torch.Tensor:
+    width = (1 - lo) / buckets
+    table, bases = [], []
+    for j in range(buckets):
+        start, end = lo + j * width, lo + (j + 1) * width
+        inside = [t for t in thresholds if start <= t < end]
         if len(inside) > 1:
-            raise AssertionError(f"bucket {j} holds {len(inside)} NF4 midpoints")
-        bases.append(sum(m < lo for m in mids))
-        thresholds.append(inside[0] if inside else 2.0)  # 2.0: no midpoint here, s never exceeds it
-    return torch.tensor(thresholds + bases, dtype=torch.float32)
+            raise AssertionError(f"bucket {j} holds {len(inside)} thresholds")
+        bases.append(sum(t < start for t in thresholds))
+        table.append(inside[0] if inside else 2.0)  # 2.0: no threshold here, s never exceeds it
+    return torch.tensor(table + bases, dtype=torch.float32)
 
 
 def nf4_buckets(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -132,6 +136,11 @@ def nf4_buckets(device: torch.device | str = "cpu") -> torch.Tensor:
     midpoints below the slice. code(s) = bases[b] + (s > thresholds[b]) with b the slice of s: the same code as
     counting midpoints below s, with two table reads instead of a four-level search."""
     return _on_device("nf4_buckets", torch.device(device))
+
+
+def fp4_buckets(device: torch.device | str = "cpu") -> torch.Tensor:
+    """As ``nf4_buckets`` for FP4's magnitude thresholds over slices of [0, 1]: k = #{t < |s|}."""
+    return _on_device("fp4_buckets", torch.device(device))
 
 
 def fp4_thresholds(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -77,13 +77,15 @@ def test_dequantize_4bit_nested(shape, blocksize, tile, out_dtype, device):
 
 
 @pytest.mark.parametrize("shape,blocksize,tile", CASES_4BIT[:4], ids=str)
-def test_nf4_searches_agree(shape, blocksize, tile, device):
-    """Every NF4 code search (select tree, thresholds gathered by index, buckets) gives the reference's bytes."""
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_searches_agree(shape, blocksize, tile, quant_type, device):
+    """Every code search (comparison tree, NF4 thresholds gathered by index, bucket tables) gives the reference's
+    bytes."""
     w = weights(shape, torch.bfloat16, device)
-    want = quant4.quantize_4bit_ref(w, blocksize=blocksize)
-    for nf4_search in (0, 1, 2):
-        got = quant_4bit.quantize_4bit(w, blocksize=blocksize, tile=tile, nf4_search=nf4_search)
-        assert_equal(got[0], want[0], f"packed (nf4_search={nf4_search})")
+    want = quant4.quantize_4bit_ref(w, quant_type=quant_type, blocksize=blocksize)
+    for search in (0, 1, 2):
+        got = quant_4bit.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, tile=tile, nf4_search=search)
+        assert_equal(got[0], want[0], f"packed (search {search})")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

@@ -57,20 +57,20 @@ def test_tables_equal_bnb():
     assert torch.equal(codebooks.dynamic_map(), F.create_dynamic_map(signed=True))
 
 
-def test_nf4_buckets_hold_one_midpoint_away_from_their_edges():
-    """The bucket search in kernels/quant_4bit.py is exact only if every slice of [-1, 1] holds at most one NF4
-    midpoint, far (in float32 rounding terms) from the slice edges; and it must give the counting rule's code."""
-    from qtool.reference.codebooks import NF4_BUCKETS, nf4_buckets, nf4_midpoints
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_bucket_tables_equal_counting_thresholds(quant_type):
+    """The bucket search in kernels/quant_4bit.py is exact only if every slice holds at most one threshold, far (in
+    float32 rounding terms) from the slice edges; and it must give the counting rule's result everywhere."""
+    from qtool.reference import codebooks as cb
 
-    mids = nf4_midpoints().double()
-    half = NF4_BUCKETS / 2
-    edges_apart = ((mids + 1) * half - torch.round((mids + 1) * half)).abs() / half
-    assert float(edges_apart.min()) > 1e-3
-    table = nf4_buckets()
-    thresholds, bases = table[:NF4_BUCKETS], table[NF4_BUCKETS:].long()
-    s = torch.cat(
-        [torch.linspace(-1, 1, 200_001), nf4_midpoints(), torch.nextafter(nf4_midpoints(), torch.tensor(2.0))]
-    )
-    b = ((s + 1) * half).long().clamp(0, NF4_BUCKETS - 1)
-    codes = bases[b] + (s > thresholds[b]).long()
-    assert torch.equal(codes, torch.bucketize(s, nf4_midpoints(), right=False))
+    if quant_type == "nf4":
+        thresholds, lo, buckets, table = cb.nf4_midpoints(), -1.0, cb.NF4_BUCKETS, cb.nf4_buckets()
+    else:
+        thresholds, lo, buckets, table = cb.fp4_thresholds(), 0.0, cb.FP4_BUCKETS, cb.fp4_buckets()
+    scale = buckets / (1 - lo)
+    t = thresholds.double()
+    assert float((((t - lo) * scale) - torch.round((t - lo) * scale)).abs().min() / scale) > 1e-3
+    s = torch.cat([torch.linspace(lo, 1, 200_001), thresholds, torch.nextafter(thresholds, torch.tensor(2.0))])
+    b = ((s - lo) * scale).long().clamp(0, buckets - 1)
+    counts = table[buckets:].long()[b] + (s > table[:buckets][b]).long()
+    assert torch.equal(counts, torch.bucketize(s, thresholds, right=False))
