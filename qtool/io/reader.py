@@ -17,7 +17,9 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -69,6 +71,11 @@ MAX_JSON_DEPTH = 127
 _U64_MAX = 2**64 - 1
 # torch sizes are signed 64-bit: a dim above this (possible only in a 0-element tensor) cannot be a torch shape.
 _TORCH_DIM_MAX = 2**63 - 1
+
+# Reads at least this large are split over ``TensorReader(threads=...)``: one thread copies from the page cache at
+# 13 GB/s, two at 15.5 GB/s (a 2 GB file, warm cache, into a reused buffer, 2 CPU cores); below a few MB the hand-off
+# costs more than it saves.
+PARALLEL_READ_MIN = 16 * 2**20
 
 _SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 _INDEX_NAME = re.compile(r"^(?P<stem>.+)\.safetensors\.index(?:\.[^.]+)?\.json$")
@@ -465,25 +472,35 @@ class TensorReader:
     """Reads a component's tensors one at a time, each into its own buffer.
 
     Each file is opened on its first read (and its header checked against the scan, so a file replaced since
-    ``scan_component`` fails instead of giving wrong tensors) and kept open until ``close()``. A returned tensor owns
-    its memory: it stays valid after later reads and after ``close()``, writing to it never changes the file, and
-    dropping it frees it. Resident memory is what the caller keeps, never the file.
+    ``scan_component`` fails instead of giving wrong tensors), with the kernel told it will be read sequentially,
+    and kept open until ``close()``. A returned tensor owns its memory: it stays valid after later reads and after
+    ``close()``, writing to it never changes the file, and dropping it frees it. Resident memory is what the caller
+    keeps, never the file.
 
     Use as a context manager::
 
         with TensorReader(scan_component(folder)) as reader:
             for key, tensor in reader.iter_tensors():
                 ...
+
+    One thread at a time may call ``read``; with ``threads > 1`` a large read is split over that many threads
+    (``PARALLEL_READ_MIN``), which ``close()`` ends.
     """
 
-    def __init__(self, component: ComponentWeights):
+    def __init__(self, component: ComponentWeights, threads: int = 1):
         """
         Args:
             component: from ``scan_component``.
+            threads: threads per large read (``os.preadv`` releases the GIL, so they copy in parallel).
         """
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.component = component
+        self.threads = threads
         self._fds: dict[str, int] = {}
         self._closed = False
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> TensorReader:
         return self
@@ -494,27 +511,61 @@ class TensorReader:
         self.close()
 
     def close(self) -> None:
-        """Close every open file. Tensors already returned stay valid."""
+        """Close every open file and end the helper threads. Tensors already returned stay valid."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
         self._closed = True
 
     def _fd(self, name: str) -> int:
-        fd = self._fds.get(name)
-        if fd is not None:
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                return fd
+            path = self.component.folder / name
+            infos, _ = safetensors_header(path)
+            scanned = {k: i for k, i in self.component.tensors.items() if i.file == name}
+            if any(infos.get(k) != info or infos[k].offset != info.offset for k, info in scanned.items()):
+                raise QtoolError(f"{path}: the file changed since the scan", hint="run the command again")
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise QtoolError(f"{path}: cannot open: {e.strerror or e}") from e
+            if hasattr(os, "posix_fadvise"):
+                # A larger readahead window: tensors are read front to back, mostly in file order.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._fds[name] = fd
             return fd
-        path = self.component.folder / name
-        infos, _ = safetensors_header(path)
-        scanned = {k: i for k, i in self.component.tensors.items() if i.file == name}
-        if any(infos.get(k) != info or infos[k].offset != info.offset for k, info in scanned.items()):
-            raise QtoolError(f"{path}: the file changed since the scan", hint="run the command again")
+
+    def _read_into(self, fd: int, view: memoryview, offset: int) -> bool:
+        """Fill ``view`` from ``fd`` at ``offset``; False if the file ends first. Large reads are split over the
+        helper threads; every part has finished (or failed) when this returns or raises."""
+        n = len(view)
+        parts = self.threads if n >= PARALLEL_READ_MIN else 1
+        if parts == 1:
+            return _pread_all(fd, view, offset)
+        step = -(-n // parts)
+        step += -step % 2**20  # whole MiB per part
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="qtool-read")
+        futures = [self._pool.submit(_pread_all, fd, view[a : a + step], offset + a) for a in range(step, n, step)]
+        error: BaseException | None = None
+        complete = False
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise QtoolError(f"{path}: cannot open: {e.strerror or e}") from e
-        self._fds[name] = fd
-        return fd
+            complete = _pread_all(fd, view[:step], offset)
+        except BaseException as exc:
+            error = exc
+        # The helpers write into the caller's buffer: wait for each, even when this part failed or was interrupted.
+        for future in futures:
+            result, failure = _settle(future)
+            error = error or failure
+            complete = complete and bool(result)
+        if error is not None:
+            raise error
+        return complete
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor.
@@ -567,16 +618,12 @@ class TensorReader:
         else:
             buffer = out[: info.nbytes]
         fd = self._fd(info.file)
-        view = memoryview(buffer.numpy())
-        done = 0
         try:
-            while done < info.nbytes:
-                n = os.preadv(fd, [view[done:]], info.offset + done)
-                if n == 0:
-                    raise QtoolError(f"{path}: the file ends inside tensor {key!r} (truncated since the scan?)")
-                done += n
+            complete = self._read_into(fd, memoryview(buffer.numpy()), info.offset)
         except OSError as e:
             raise QtoolError(f"{path}: cannot read tensor {key!r}: {e.strerror or e}") from e
+        if not complete:
+            raise QtoolError(f"{path}: the file ends inside tensor {key!r} (truncated since the scan?)")
         try:
             return buffer.view(dtype).reshape(shape)
         except RuntimeError as e:
@@ -618,3 +665,27 @@ class TensorReader:
             if i + 1 < len(keys):
                 self.prefetch(keys[i + 1])
             yield key, self.read(key, out=out)
+
+
+def _pread_all(fd: int, view: memoryview, offset: int) -> bool:
+    """Read ``len(view)`` bytes at ``offset`` into ``view``; False if the file ends first."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            return False
+        done += n
+    return True
+
+
+def _settle(future: Future) -> tuple[object, BaseException | None]:
+    """``(result, exception)`` of a future, waiting for it to finish even through a signal (a helper thread may
+    still be writing into the caller's buffer)."""
+    interrupted = None
+    while True:
+        try:
+            return future.result(), interrupted
+        except BaseException as exc:
+            if future.done():
+                return None, interrupted or exc
+            interrupted = interrupted or exc

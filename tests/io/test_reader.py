@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -155,11 +156,19 @@ def test_reading_a_file_holds_about_one_tensor(tmp_path):
 
 
 def test_iter_tensors_prefetches_the_next_tensor(tmp_path, monkeypatch):
-    """While a tensor is handed out, the kernel is already asked for the next one's exact byte range."""
+    """While a tensor is handed out, the kernel is already asked for the next one's exact byte range; each file is
+    declared sequential once, when it is opened."""
     save_file(tensors(), tmp_path / "model.safetensors")
     component = scan_component(tmp_path)
-    hints = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: hints.append((offset, length, advice)))
+    hints, files = [], []
+
+    def fadvise(fd, offset, length, advice):
+        if advice == os.POSIX_FADV_SEQUENTIAL:
+            files.append((offset, length))
+        else:
+            hints.append((offset, length, advice))
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
     keys = list(component.tensors)
     expected = [(t.offset, t.nbytes, os.POSIX_FADV_WILLNEED) for t in component.tensors.values() if t.nbytes]
     expected = expected[1:] if component.tensors[keys[0]].nbytes else expected
@@ -170,6 +179,7 @@ def test_iter_tensors_prefetches_the_next_tensor(tmp_path, monkeypatch):
         with pytest.raises(KeyError, match="nope"):
             reader.prefetch("nope")
     assert hints == expected
+    assert files == [(0, 0)]  # the whole file
 
 
 def test_read_into_a_reused_buffer(tmp_path):
@@ -191,6 +201,42 @@ def test_read_into_a_reused_buffer(tmp_path):
         ]:
             with pytest.raises(ValueError, match=match):
                 reader.read("proj.weight", out=bad)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_large_read_split_over_threads_equals_a_plain_one(tmp_path, monkeypatch, threads):
+    """threads > 1 splits each read of PARALLEL_READ_MIN bytes or more into whole-MiB parts read in parallel, into
+    a reused buffer or a fresh one; the bytes equal a one-thread read, and close() ends the helper threads."""
+    from qtool.io import reader as reader_module
+
+    monkeypatch.setattr(reader_module, "PARALLEL_READ_MIN", 2**20)
+    expected = {"big": torch.randn(5 * 2**20 // 4 + 3), "small": torch.randn(7), "mid": torch.randn(2**20 // 4)}
+    save_file(expected, tmp_path / "model.safetensors")
+    component = scan_component(tmp_path)
+    staging = torch.full((max(t.nbytes for t in component.tensors.values()),), 0xAB, dtype=torch.uint8)
+    with TensorReader(component, threads=threads) as reader:
+        for key in component.tensors:
+            assert_equal(reader.read(key), expected[key], key)
+            assert_equal(reader.read(key, out=staging), expected[key], key)
+        helpers = [t for t in threading.enumerate() if t.name.startswith("qtool-read")]
+        assert 1 <= len(helpers) <= threads - 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("qtool-read") and t.is_alive()]
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        TensorReader(component, threads=0)
+
+
+def test_a_file_truncated_under_a_split_read_is_named(tmp_path, monkeypatch):
+    """A file cut short after the scan: the split read notices the missing part, whichever thread reads it."""
+    from qtool.io import reader as reader_module
+
+    monkeypatch.setattr(reader_module, "PARALLEL_READ_MIN", 2**20)
+    save_file({"big": torch.randn(4 * 2**20)}, tmp_path / "model.safetensors")
+    component = scan_component(tmp_path)
+    with TensorReader(component, threads=4) as reader:
+        reader.read("big")  # opens the file and checks its header
+        os.truncate(tmp_path / "model.safetensors", (tmp_path / "model.safetensors").stat().st_size - 2**20 - 5)
+        with pytest.raises(QtoolError, match="the file ends inside tensor 'big'"):
+            reader.read("big")
 
 
 def test_read_unknown_key(tmp_path):
