@@ -3,8 +3,9 @@
 Any bnb checkpoint (qtool's, or diffusers'/transformers' ``save_pretrained``; a pipeline or one model folder; local
 or on the Hub): each quantized Linear's entries become one dense ``weight`` (the Triton kernels on a GPU, the
 PyTorch reference on the CPU; equal to bnb's own dequantization of the same bytes), ``quantization_config`` leaves
-config.json, and every other tensor and file is kept as it is. Streams one layer at a time into a temporary folder
-that is renamed into place when complete and verified, like ``quantize_checkpoint``.
+config.json, and every other tensor and file is kept as it is. Streams layer by layer (``qtool.pipeline``: reads,
+device work and writes overlap) into a temporary folder that is renamed into place when complete and verified, like
+``quantize_checkpoint``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtool.api import (
     Progress,
@@ -32,6 +34,9 @@ from qtool.errors import QtoolError
 from qtool.formats.layers import QuantizedLayer, quant_state_keys, quantized_layers
 from qtool.plan import MAX_SHARD_SIZE, choose_components, detect_library, pipeline_components, quant_method, read_json
 
+if TYPE_CHECKING:
+    from qtool.pipeline import PipelineStats
+
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _TAGS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -47,6 +52,7 @@ class DequantizedComponent:
     dtypes: list[str] = field(default_factory=list)  # the dtypes the dequantized weights were written in
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    pipeline: PipelineStats | None = None  # what the run measured stage by stage
 
 
 @dataclass
@@ -80,6 +86,7 @@ class DequantizeResult:
                     "dtypes": c.dtypes,
                     "seconds": round(c.seconds, 3),
                     "files": c.files,
+                    "pipeline": c.pipeline.to_dict() if c.pipeline else None,
                 }
                 for c in self.components
             ],
@@ -155,14 +162,21 @@ def _default_dtype(weights, owned: set[str]) -> str:
 def _dequantize_component(
     folder: Path, out: Path, name: str, dtype: str | None, device: str, progress: Progress, allow_nonfinite: bool
 ) -> DequantizedComponent:
+    """Stream one component through ``qtool.pipeline``: a reader thread reads each layer's entries (or a plain
+    tensor), this thread dequantizes on the device and counts non-finite values there, a writer thread refuses
+    non-finite layers (unless allowed) and writes. Before returning, the written files are verified."""
     import torch
 
+    from qtool import pipeline, verify
+    from qtool.api import READ_THREADS, slot_bytes, stream_groups
+    from qtool.formats.bnb4 import BLOB_PREFIX
     from qtool.io.reader import TensorReader, scan_component
     from qtool.io.writer import ShardedWriter
     from qtool.quantize import dequantize_tensor
-    from qtool.verify import check_dequantized_finite, tensor_name, verify_dequantized
 
     start = time.perf_counter()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     config = read_json(folder / "config.json")
     library, class_name = detect_library(config, folder / "config.json")
     weights = scan_component(folder)
@@ -182,40 +196,64 @@ def _dequantize_component(
     def target(layer: QuantizedLayer) -> torch.dtype | None:
         return getattr(torch, dtype) if dtype else (int8_dtype if layer.bits == 8 else None)
 
+    # A layer's weight is read with its quant-state entries (the weight first); other tensors alone.
+    groups = [
+        [key, *(k for k in layers[key].entries.values() if k != key)] if key in layers else [key] for key in order
+    ]
     out.mkdir(parents=True, exist_ok=True)
     dtypes: set[str] = set()
     method = _method(config)
     progress.start(name or class_name, weights.total_bytes)
+
+    def compute(tensors: dict, slot) -> tuple:
+        key = next(iter(tensors))
+        progress.advance(sum(weights.tensors[k].nbytes for k in tensors))
+        layer = layers.get(key)
+        if layer is None:
+            return key, tensors[key], None
+        # The JSON blob and the int8 format flag are read on the host (no device round trip); the rest goes to the
+        # device from the slot's pinned memory.
+        entries = {
+            n: t if n.startswith(BLOB_PREFIX) or n == "weight_format" else t.to(device, non_blocking=True)
+            for n, k in layer.entries.items()
+            for t in [tensors[k]]
+        }
+        try:
+            dense = dequantize_tensor(entries, dtype=target(layer))
+        except ValueError as exc:
+            raise QtoolError(f"{folder}: cannot dequantize {layer.fqn}: {exc}") from exc
+        dtypes.add(str(dense.dtype).removeprefix("torch."))
+        checked = {} if allow_nonfinite else {"count": verify.nonfinite_count(dense)}
+        host = slot.to_host({"dense": dense, **checked})
+        return key, host["dense"], host.get("count")
+
+    def write(done: tuple) -> None:
+        key, tensor, count = done
+        if count is not None:
+            verify.judge_dequantized(int(count), verify.tensor_name(name, key))
+        writer.add_group({key: tensor})
+
     with (
-        TensorReader(weights) as reader,
+        TensorReader(weights, threads=READ_THREADS[device]) as reader,
         ShardedWriter(out, weights.base_name, MAX_SHARD_SIZE[library]) as writer,
     ):
-        # One reused (pinned, on a GPU) buffer for the big tensors; a layer's small quant-state entries get their own.
-        staging = torch.empty(
-            max(weights.tensors[k].nbytes for k in order), dtype=torch.uint8, pin_memory=device == "cuda"
+        stats = pipeline.run(
+            groups,
+            read=stream_groups(reader, groups),
+            compute=compute,
+            write=write,
+            device=device,
+            slots=pipeline.DEFAULT_SLOTS,
+            slot_bytes=slot_bytes(weights, groups, [g for g in groups if g[0] in layers]),
         )
-        for key, tensor in reader.iter_tensors(order, out=staging):
-            layer = layers.get(key)
-            if layer is None:
-                writer.add_group({key: tensor})
-                progress.advance(weights.tensors[key].nbytes)
-                continue
-            entries = {n: tensor if k == key else reader.read(k) for n, k in layer.entries.items()}
-            entries = {n: t.to(device) for n, t in entries.items()}
-            try:
-                dense = dequantize_tensor(entries, dtype=target(layer))
-            except ValueError as exc:
-                raise QtoolError(f"{folder}: cannot dequantize {layer.fqn}: {exc}") from exc
-            if not allow_nonfinite:
-                check_dequantized_finite(dense, tensor_name(name, key))
-            dtypes.add(str(dense.dtype).removeprefix("torch."))
-            writer.add_group({key: dense.cpu()})
-            progress.advance(sum(weights.tensors[k].nbytes for k in layer.entries.values()))
-            del entries, dense, tensor
         files = writer.close()
         bytes_after = writer.total_size
-        verify_dequantized(weights, layers, out, reader, device, target)
+        verify.verify_dequantized(weights, layers, out, reader, device, target)
     progress.finish()
+    stats.bytes_read = weights.total_bytes
+    stats.bytes_written = sum(p.stat().st_size for p in files)
+    if device == "cuda":
+        stats.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     config.pop("quantization_config")
     # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -230,6 +268,7 @@ def _dequantize_component(
         dtypes=sorted(dtypes),
         seconds=time.perf_counter() - start,
         files=[p.name for p in files],
+        pipeline=stats,
     )
 
 

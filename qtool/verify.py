@@ -5,6 +5,9 @@
 - ``check_layer``: a quantized layer's entries, dequantized, against the source weight, elementwise, within the error
   bound the format itself guarantees (derived below, nothing measured). It runs on every layer in memory (the
   codecs) and on a sample read back from the written files (the writer: keys, shards, offsets).
+- ``layer_stats`` and ``judge_layer``: both checks split in two for a pipeline. ``layer_stats`` measures on the
+  device, chunk by chunk, without waiting (counts, first offenders, SQNR sums: one small vector per layer);
+  ``judge_layer`` raises from that vector, on the host, the same errors ``check_finite`` and ``check_layer`` raise.
 - ``verify_component``: the written headers re-read (key set, dtypes and shapes exactly the plan's), and a sample of
   layers read back from the written files and checked against the source with ``check_layer``.
 - ``verify_dequantized``: the same for ``qtool dequantize``, where a sampled layer read back must equal the
@@ -21,6 +24,7 @@ most half a float16 ulp of |w|. Each bound gets a float32 slack of a few ulps of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
     from qtool.formats.layers import QuantizedLayer
     from qtool.io.reader import ComponentWeights, TensorReader
     from qtool.plan import ComponentPlan
+    from qtool.quantize import PendingLayer
     from qtool.spec import QuantSpec
 
 FLOAT16_MAX = 65504.0
@@ -63,22 +68,192 @@ def _half_gap_of(codebook: str) -> float:
     return half_gap(dynamic_map() if codebook == "dynamic" else quant_map(codebook))
 
 
-def check_finite(weight: torch.Tensor, key: str, bits: int) -> None:
-    """Refuse a weight holding NaN or Inf, or, for 8-bit, a value beyond float16's range (bnb casts to float16).
+# Elements per chunk of the per-layer checks. Their float32 temporaries (the weight, the block absmax input, the
+# dequantized weight, the error, the bound) are a few times this, ~100 MB, on the device, whatever the layer's size:
+# FLUX's largest Linear (3072 x 15360) is 12 chunks.
+CHECK_CHUNK = 2**22
 
-    One reduction and one host sync per weight. Raises QtoolError naming the tensor, its counts and the first index.
+# What ``layer_stats`` measures, in this order, as a float64 vector (exact for counts and indices below 2**53):
+# non-finite values (NaN, Inf, and "bad": what check_finite refuses, the count and the first's flat index); the stored
+# scales (absmax or SCB) and the weights beyond their bound (count, first flat index, its error and bound); and the
+# sums of squares for SQNR and the largest error. An index of -1: none.
+STATS = (
+    "nan", "inf", "bad_over", "bad_at",
+    "scale_over", "scale_at", "scale_err", "scale_bound",
+    "weight_over", "weight_at", "weight_err", "weight_bound",
+    "signal", "noise", "max_err",
+)  # fmt: skip
+
+
+class _Stats:
+    """``STATS`` as 0-d float64 device tensors, accumulated chunk by chunk without a host sync."""
+
+    def __init__(self, device: torch.device):
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.v = {name: zero - 1 if name.endswith("_at") else zero for name in STATS}
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.v[name] = self.v[name] + value.to(torch.float64)
+
+    def max(self, name: str, value: torch.Tensor) -> None:
+        self.v[name] = torch.maximum(self.v[name], value.to(torch.float64))
+
+    def first(
+        self,
+        prefix: str,
+        over: torch.Tensor,
+        base: int,
+        err: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
+    ) -> None:
+        """Count ``over`` (2-D bool, True where a check fails) and keep the first failure's flat index (``base`` +
+        its row-major index; chunks come in order, so the first chunk with one wins) with its error and bound."""
+        flat = over.reshape(-1)
+        count = flat.sum(dtype=torch.float64)
+        # The first True (argmax returns the first maximum; 0 if none), as a 1-element index: indexing with a 0-d
+        # integer tensor would read it on the host (a sync).
+        i = torch.argmax(flat.view(torch.uint8)).reshape(1)
+        take = (self.v[f"{prefix}_at"] < 0) & (count > 0)
+        self.v[f"{prefix}_at"] = torch.where(take, (i[0] + base).to(torch.float64), self.v[f"{prefix}_at"])
+        if err is not None:
+            row, col = i // over.shape[1], i % over.shape[1]
+            bound = torch.broadcast_to(allowed, err.shape)[row, col][0]  # a view: no full-size bound is built
+            self.v[f"{prefix}_err"] = torch.where(take, err[row, col][0].to(torch.float64), self.v[f"{prefix}_err"])
+            self.v[f"{prefix}_bound"] = torch.where(take, bound.to(torch.float64), self.v[f"{prefix}_bound"])
+        self.add(f"{prefix}_over", count)
+
+    def finite(self, w: torch.Tensor, bits: int, base: int) -> None:
+        """NaN and Inf counts of float32 ``w`` (2-D), and what check_finite refuses: non-finite values, and for
+        8-bit anything beyond float16's range (bnb casts to float16 first)."""
+        self.add("nan", torch.isnan(w).sum())
+        self.add("inf", torch.isinf(w).sum())
+        bad = ~torch.isfinite(w) if bits == 4 else ~(w.abs() <= FLOAT16_MAX)
+        self.first("bad", bad, base)
+
+    def errors(self, w: torch.Tensor, restored: torch.Tensor) -> None:
+        """SQNR sums and the largest error of float32 ``w`` against ``restored`` (same shape)."""
+        diff = w - restored
+        self.add("signal", w.square().sum(dtype=torch.float64))
+        self.add("noise", diff.square().sum(dtype=torch.float64))
+        err = diff.abs_()
+        self.max("max_err", torch.where(torch.isnan(err), 0.0, err).amax())
+
+    def vector(self) -> torch.Tensor:
+        return torch.stack([self.v[name] for name in STATS])
+
+
+def _stats_4bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk: int) -> None:
+    from qtool.quantize import NESTED_OFFSET, stored_absmax
+
+    t, bs = layer.tensors, layer.blocksize
+    state = bnb4.QuantState4bit(
+        quant_type=layer.quant_type, blocksize=bs, dtype=layer.dtype, shape=layer.shape,
+        absmax=t["weight.absmax"], quant_map=t["weight.quant_map"],
+    )  # fmt: skip
+    dq = NESTED_OFFSET in t
+    if dq:
+        state.nested_absmax, state.nested_quant_map = t["weight.nested_absmax"], t["weight.nested_quant_map"]
+        state.nested_offset = t[NESTED_OFFSET]  # a 0-d device tensor: no sync
+    # float32 [nblocks], what the layer dequantizes with; small (1/16 of a bf16 weight at blocksize 64).
+    stored = stored_absmax(state, backend=layer.backend).float()
+    if dq:
+        nested = state.nested_absmax.float().repeat_interleave(state.nested_blocksize)[: stored.numel()]
+        offset = t[NESTED_OFFSET].float().abs()
+    flat, packed = weight.reshape(-1), t["weight"].reshape(-1)
+    n = flat.numel()
+    step = max(bs, chunk // bs * bs)  # whole blocks, so a chunk's blocks are the layer's blocks
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        b0, b1 = s // bs, -(-e // bs)
+        w = flat[s:e].float()
+        stats.finite(w[None], 4, s)
+        blocks = _blocks(w, bs)
+        absmax = abs_ignoring_nan(blocks).amax(dim=1)
+        absmax_err = (absmax - stored[b0:b1]).abs()
+        if dq:
+            nest = nested[b0:b1]
+            allowed = _half_gap_of("dynamic") * nest + SLACK * (nest + offset + absmax)
+        else:
+            allowed = torch.zeros_like(absmax)  # bnb stores the float32 absmax itself
+        over = (absmax_err > allowed) & ~torch.isnan(absmax_err)
+        stats.first("scale", over[:, None], b0, absmax_err[:, None], allowed[:, None])
+        # The layer's own dequantization of these blocks, from the absmax rebuilt above: s is even (whole blocks),
+        # so the chunk's codes are whole bytes [s / 2, (e + 1) / 2) of the packed weight.
+        part = dataclasses.replace(
+            layer,
+            tensors={"weight": packed[s // 2 : (e + 1) // 2], "weight.absmax": stored[b0:b1],
+                     "weight.quant_map": t["weight.quant_map"]},
+            shape=(e - s,),
+        )  # fmt: skip
+        restored = part.restored(torch.float32)
+        err = (blocks - _blocks(restored, bs)).abs()
+        bound = (_half_gap_of(layer.quant_type) * absmax + absmax_err + SLACK * absmax)[:, None]
+        stats.first("weight", (err > bound) & ~torch.isnan(err), s, err, bound)
+        stats.errors(w, restored)
+
+
+def _stats_8bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk: int) -> None:
+    rows, k = weight.shape
+    codes, scb_all = layer.tensors["weight"], layer.tensors["SCB"]
+    step = max(1, chunk // max(k, 1))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        w = weight[r0:r1].float()
+        stats.finite(w, 8, r0 * k)
+        # bnb quantizes the float16 cast: SCB is its row absmax, exactly.
+        row_absmax = abs_ignoring_nan(weight[r0:r1].to(torch.float16).float()).amax(dim=1)
+        scb = scb_all[r0:r1].float()
+        scb_err = (row_absmax - scb).abs()
+        zero = torch.zeros_like(scb)
+        stats.first("scale", ((scb_err > zero) & ~torch.isnan(scb_err))[:, None], r0, scb_err[:, None], zero[:, None])
+        part = dataclasses.replace(layer, tensors={"weight": codes[r0:r1], "SCB": scb_all[r0:r1]}, shape=(r1 - r0, k))
+        restored = part.restored(torch.float32)
+        err = (w - restored).abs()
+        # Half a float16 ulp of |w| (2**-11 relative; 2**-25 absolute below float16's normal range) for the cast.
+        allowed = scb[:, None] * (1 / 254 + SLACK) + w.abs() * 2**-11 + 2**-25
+        stats.first("weight", (err > allowed) & ~torch.isnan(err), r0 * k, err, allowed)
+        stats.errors(w, restored)
+
+
+def layer_stats(weight: torch.Tensor, layer: PendingLayer, chunk: int = CHECK_CHUNK) -> torch.Tensor:
+    """Measure a quantized layer against its source weight on the weight's device, without waiting for it.
+
+    Everything the checks need (``judge_layer``): the non-finite values of ``weight`` (``check_finite``); each
+    stored scale and each element of the layer's own dequantization against the format's error bound (module
+    docstring); SQNR sums and the largest error. Works ``chunk`` elements (4-bit: whole blocks; 8-bit: whole rows)
+    at a time, so the temporaries stay a few times ``chunk`` float32 values.
+
+    Args:
+        weight: the source weight, float32 / float16 / bfloat16, [N, K] (4-bit: any shape).
+        layer: its quantization (``qtool.quantize.quantize_pending``), on the same device.
+        chunk: elements per step.
+
+    Returns:
+        float64 [len(STATS)] on the weight's device (copy it to the host with the layer's tensors).
     """
-    peak = weight.abs().amax().item() if weight.numel() else 0.0  # NaN propagates through amax
-    limit = FLOAT16_MAX if bits == 8 else math.inf
-    if math.isfinite(peak) and peak <= limit:
+    stats = _Stats(weight.device)
+    if weight.numel():
+        (_stats_4bit if layer.bits == 4 else _stats_8bit)(weight, layer, stats, chunk)
+    return stats.vector()
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> list[int]:
+    out = []
+    for d in reversed(shape):
+        out.append(index % d)
+        index //= d
+    return out[::-1]
+
+
+def _judge_finite(v: dict[str, float], key: str, bits: int, shape: tuple[int, ...]) -> None:
+    if not v["bad_over"]:
         return
-    bad = ~torch.isfinite(weight) if bits == 4 else ~(weight.abs() <= limit)
-    first = [int(i) for i in bad.nonzero()[0]]
-    nan, inf = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+    first = _unravel(int(v["bad_at"]), shape)
+    nan, inf = int(v["nan"]), int(v["inf"])
     found = ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n)
     if bits == 8 and not (nan or inf):
         raise QtoolError(
-            f"tensor {key!r} holds {int(bad.sum())} values beyond float16's range (+-65504), first at {first}: "
+            f"tensor {key!r} holds {int(v['bad_over'])} values beyond float16's range (+-65504), first at {first}: "
             "LLM.int8 quantizes the float16 cast, where they become Inf and their rows quantize to zeros",
             hint="use 4-bit (--bits 4), or pass --allow-nonfinite to quantize it anyway, as bitsandbytes would",
         )
@@ -89,6 +264,62 @@ def check_finite(weight: torch.Tensor, key: str, bits: int) -> None:
     )
 
 
+def _judge_bound(v: dict[str, float], prefix: str, key: str, what: str) -> None:
+    if not v[f"{prefix}_over"]:
+        return
+    raise QtoolError(
+        f"verification failed: {key}: {int(v[f'{prefix}_over'])} {what} value(s) off by more than the format allows "
+        f"(first at flat index {int(v[f'{prefix}_at'])}: error {v[f'{prefix}_err']:.6g} > bound "
+        f"{v[f'{prefix}_bound']:.6g})",
+        hint="this is a qtool bug: please report it with the output of `qtool env`; nothing was written",
+    )
+
+
+def judge_layer(
+    stats: torch.Tensor, key: str, *, bits: int, shape: tuple[int, ...], check_finite: bool = True
+) -> float | None:
+    """Decide on a layer from its ``layer_stats`` (on the host): raise what ``check_finite`` and ``check_layer``
+    raise, in that order, or return the layer's SQNR in dB.
+
+    Args:
+        stats: ``layer_stats``' vector, copied to the host.
+        key: the tensor's name in messages (``tensor_name``).
+        bits: 4 or 8.
+        shape: the weight's shape (for the multi-dimensional index of a non-finite value).
+        check_finite: refuse NaN / Inf (and for 8-bit, values beyond float16); False with --allow-nonfinite.
+
+    Returns:
+        SQNR in dB: None for an all-zero weight, inf for an exact one, NaN where non-finite values were allowed.
+
+    Raises:
+        QtoolError: naming the tensor, as ``check_finite``, or "verification failed: ..." as ``check_layer``.
+    """
+    v = dict(zip(STATS, stats.tolist(), strict=True))
+    if check_finite:
+        _judge_finite(v, key, bits, shape)
+    _judge_bound(v, "scale", key, "absmax" if bits == 4 else "SCB")
+    _judge_bound(v, "weight", key, "weight")
+    signal, noise = v["signal"], v["noise"]
+    if signal == 0:
+        return None
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal == signal and noise == noise else math.nan
+
+
+def check_finite(weight: torch.Tensor, key: str, bits: int) -> None:
+    """Refuse a weight holding NaN or Inf, or, for 8-bit, a value beyond float16's range (bnb casts to float16).
+
+    Raises QtoolError naming the tensor, its counts and the first index (as ``judge_layer`` does).
+    """
+    stats = _Stats(weight.device)
+    flat = weight.reshape(1, -1)
+    for s in range(0, flat.shape[1], CHECK_CHUNK):
+        stats.finite(flat[:, s : s + CHECK_CHUNK].float(), bits, s)
+    v = dict(zip(STATS, stats.vector().tolist(), strict=True))
+    _judge_finite(v, key, bits, tuple(weight.shape))
+
+
 def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     """float32 [nblocks, blocksize]: the flattened x, zero-padded to whole blocks."""
     flat = x.reshape(-1).float()
@@ -96,66 +327,50 @@ def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, blocksize)
 
 
-def _report(err: torch.Tensor, allowed: torch.Tensor, key: str, what: str) -> None:
-    allowed = allowed.expand_as(err)
-    # NaN errors (non-finite weights the caller allowed) are not checked: there is no bound to hold.
-    over = (err > allowed) & ~torch.isnan(err)
-    if bool(over.any()):
-        i = int(over.reshape(-1).nonzero()[0])
-        raise QtoolError(
-            f"verification failed: {key}: {int(over.sum())} {what} value(s) off by more than the format allows (first "
-            f"at flat index {i}: error {err.reshape(-1)[i].item():.6g} > bound {allowed.reshape(-1)[i].item():.6g})",
-            hint="this is a qtool bug: please report it with the output of `qtool env`; nothing was written",
-        )
+def pending_from_entries(entries: dict[str, torch.Tensor]) -> PendingLayer:
+    """A layer's bnb entries (as written or read back) as a ``PendingLayer`` on their device.
+
+    Raises:
+        ValueError: the entries are not a bitsandbytes 4-bit or 8-bit layer.
+    """
+    from qtool.quantize import NESTED_OFFSET, PendingLayer, resolve_backend
+
+    if bnb4.is_4bit(entries):
+        packed, state = bnb4.decode(entries)
+        backend = resolve_backend("auto", packed.device)
+        tensors = {"weight": packed, "weight.absmax": state.absmax, "weight.quant_map": state.quant_map}
+        if state.double_quant:
+            if state.nested_blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"nested_blocksize {state.nested_blocksize} is not bitsandbytes' {NESTED_BLOCKSIZE}")
+            tensors["weight.nested_absmax"] = state.nested_absmax
+            tensors["weight.nested_quant_map"] = state.nested_quant_map
+            tensors[NESTED_OFFSET] = torch.tensor(state.nested_offset, dtype=torch.float32, device=packed.device)
+        return PendingLayer(
+            4, tensors, quant_type=state.quant_type, blocksize=state.blocksize, dtype=state.dtype,
+            shape=tuple(state.shape), backend=backend,
+        )  # fmt: skip
+    if bnb8.is_8bit(entries):
+        weight, scb = bnb8.decode(entries)
+        backend = resolve_backend("auto", weight.device)
+        return PendingLayer(8, {"weight": weight, "SCB": scb}, shape=tuple(weight.shape), backend=backend)
+    raise ValueError(f"not a bitsandbytes 4-bit or 8-bit layer: entries {sorted(entries)}")
 
 
-def _check_4bit(weight: torch.Tensor, entries: dict[str, torch.Tensor], restored: torch.Tensor, key: str) -> None:
-    from qtool.quantize import stored_absmax
-
-    _, state = bnb4.decode(entries)
-    stored = stored_absmax(state).float()
-    blocks = _blocks(weight, state.blocksize)
-    absmax = abs_ignoring_nan(blocks).amax(dim=1)
-    absmax_err = (absmax - stored).abs()
-    if state.double_quant:
-        nested = state.nested_absmax.float().repeat_interleave(state.nested_blocksize)[: absmax.numel()]
-        allowed = _half_gap_of("dynamic") * nested + SLACK * (nested + abs(state.nested_offset) + absmax)
-    else:
-        allowed = torch.zeros_like(absmax)  # bnb stores the float32 absmax itself
-    _report(absmax_err, allowed, key, "absmax")
-    bound = _half_gap_of(state.quant_type) * absmax + absmax_err + SLACK * absmax
-    _report((blocks - _blocks(restored, state.blocksize)).abs(), bound[:, None], key, "weight")
-
-
-def _check_8bit(weight: torch.Tensor, entries: dict[str, torch.Tensor], restored: torch.Tensor, key: str) -> None:
-    _, scb = bnb8.decode(entries)
-    scb = scb.float()
-    row_absmax = abs_ignoring_nan(weight.to(torch.float16).float()).amax(dim=1)
-    _report((row_absmax - scb).abs(), torch.zeros_like(scb), key, "SCB")
-    w = weight.float()
-    # Half a float16 ulp of |w| (2**-11 relative; 2**-25 absolute below float16's normal range) for the cast.
-    allowed = scb[:, None] * (1 / 254 + SLACK) + w.abs() * 2**-11 + 2**-25
-    _report((w - restored).abs(), allowed, key, "weight")
-
-
-def check_layer(weight: torch.Tensor, entries: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+def check_layer(weight: torch.Tensor, entries: dict[str, torch.Tensor], key: str) -> float | None:
     """Dequantize ``entries`` (one layer's bnb entries, relative to the module, on the weight's device) and check
     each element, and each stored scale, against ``weight`` within the format's error bound (module docstring).
 
+    ``layer_stats`` then ``judge_layer`` (without the non-finite check), with one host sync.
+
     Returns:
-        The dequantized weight in float32 (for the caller's error statistics).
+        The layer's SQNR in dB (see ``judge_layer``).
 
     Raises:
         QtoolError: a value is further off than the format allows (a qtool bug; the run writes nothing).
     """
-    from qtool.quantize import dequantize_tensor
-
-    restored = dequantize_tensor(entries, dtype=torch.float32)
-    if bnb4.is_4bit(entries):
-        _check_4bit(weight, entries, restored, key)
-    else:
-        _check_8bit(weight, entries, restored, key)
-    return restored
+    layer = pending_from_entries(entries)
+    stats = layer_stats(weight, layer).cpu()
+    return judge_layer(stats, key, bits=layer.bits, shape=tuple(weight.shape), check_finite=False)
 
 
 def expected_tensors(plan: ComponentPlan, spec: QuantSpec) -> dict[str, tuple[str, tuple[int, ...] | None]]:
@@ -224,14 +439,28 @@ def verify_component(plan: ComponentPlan, spec: QuantSpec, out: Path, source: Te
             check_layer(source.read(key).to(device), entries, f"{tensor_name(plan.name, key)} (as written)")
 
 
-def check_dequantized_finite(dense: torch.Tensor, key: str) -> None:
-    """Refuse a dequantized weight holding NaN or Inf: its stored scales (absmax, SCB) are not finite."""
-    if dense.numel() and not math.isfinite(dense.abs().amax().item()):
-        count = int((~torch.isfinite(dense)).sum())
+def nonfinite_count(dense: torch.Tensor) -> torch.Tensor:
+    """int64 0-d on ``dense``'s device: how many of its values are NaN or Inf (queues work, never waits)."""
+    count = torch.zeros((), dtype=torch.int64, device=dense.device)
+    flat = dense.reshape(-1)
+    for s in range(0, flat.numel(), CHECK_CHUNK):
+        count = count + (~torch.isfinite(flat[s : s + CHECK_CHUNK])).sum()
+    return count
+
+
+def judge_dequantized(count: int, key: str) -> None:
+    """Refuse a dequantized weight with ``count`` NaN or Inf values (``nonfinite_count``): its stored scales (absmax,
+    SCB) are not finite."""
+    if count:
         raise QtoolError(
             f"tensor {key!r} dequantizes to {count} NaN or Inf value(s): its stored scales are not finite",
             hint="the checkpoint may be damaged; pass --allow-nonfinite to write them anyway",
         )
+
+
+def check_dequantized_finite(dense: torch.Tensor, key: str) -> None:
+    """Refuse a dequantized weight holding NaN or Inf (one host sync)."""
+    judge_dequantized(int(nonfinite_count(dense)), key)
 
 
 def verify_dequantized(

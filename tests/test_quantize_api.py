@@ -110,8 +110,8 @@ def refused(where: Path, source, **kwargs) -> QtoolError:
 # (what fails, at which call, with what, what quantize_checkpoint then raises): the 55th of the 62 quantized layers
 # (the transformer is complete by then), the 60th tensor group written, the 4th of the 6 entries copied as they are.
 FAILURES = {
-    "quantize-error": ("qtool.quantize.quantize_tensor", 55, RuntimeError("injected"), RuntimeError),
-    "ctrl-c": ("qtool.quantize.quantize_tensor", 55, KeyboardInterrupt(), KeyboardInterrupt),
+    "quantize-error": ("qtool.quantize.quantize_pending", 55, RuntimeError("injected"), RuntimeError),
+    "ctrl-c": ("qtool.quantize.quantize_pending", 55, KeyboardInterrupt(), KeyboardInterrupt),
     "disk-full": ("qtool.io.writer.ShardedWriter.add_group", 60, OSError(errno.ENOSPC, "No space left"), QtoolError),
     "copy-error": ("qtool.api._copy_entry", 4, OSError(errno.EIO, "Input/output error"), OSError),
 }
@@ -299,6 +299,22 @@ def test_every_tensor_is_prefetched_before_it_is_read(model_copy, tmp_path, monk
     assert verified == [layers[0], layers[6], layers[11]]
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(double_quant=True), QuantSpec(bits=8)], ids=["nf4-dq", "int8"])
+def test_the_pipeline_writes_what_a_serial_run_writes(tiny_flux, tmp_path, monkeypatch, spec):
+    """Three items in flight (reads, quantization and writes overlapping, slots reused) write the same bytes as one
+    item at a time, quantize and dequantize alike."""
+    from qtool import dequant, pipeline
+
+    outputs = {}
+    for slots in (1, 3):
+        monkeypatch.setattr(pipeline, "DEFAULT_SLOTS", slots)
+        out = tmp_path / f"q{slots}"
+        api.quantize_checkpoint(tiny_flux, spec=spec, output=out, device="cpu")
+        dequant.dequantize_checkpoint(out, output=tmp_path / f"d{slots}", device="cpu")
+        outputs[slots] = (tree(out), tree(tmp_path / f"d{slots}"))
+    assert outputs[1] == outputs[3]
+
+
 # What a run copies
 
 
@@ -435,6 +451,7 @@ def test_a_run_through_the_hub_writes_what_a_local_run_writes(hub, tiny_flux_nf4
     for data in (ours, local):
         for component in data["components"]:
             component.pop("seconds")
+            component.pop("pipeline")  # timings
     assert {k: v for k, v in ours.items() if k not in volatile} == {k: v for k, v in local.items() if k not in volatile}
     assert ours["source"] == REPO
     assert_calls_carry_revision_and_token(hub)
@@ -471,7 +488,10 @@ RESULT_TYPES = {"output": str, "source": str, "kind": str, "method": str, "quant
                 "components": list}  # fmt: skip
 COMPONENT_TYPES = {"name": str, "class": str, "parameters": int, "layers_quantized": int, "layers_kept": int,
                    "bytes_before": int, "bytes_after": int, "seconds": float, "sqnr_mean_db": (float, type(None)),
-                   "sqnr_min_db": (float, type(None)), "files": list}  # fmt: skip
+                   "sqnr_min_db": (float, type(None)), "files": list, "pipeline": (dict, type(None))}  # fmt: skip
+PIPELINE_TYPES = {"wall": float, "read": float, "compute": float, "wait": float, "write": float, "starved": float,
+                  "items": int, "slots": int, "slot_bytes": int, "bytes_read": int, "bytes_written": int,
+                  "peak_gpu_bytes": (int, type(None))}  # fmt: skip
 
 
 def check_schema(data: dict) -> None:
@@ -484,6 +504,10 @@ def check_schema(data: dict) -> None:
         for key, kinds in COMPONENT_TYPES.items():
             assert type(component[key]) in (kinds if isinstance(kinds, tuple) else (kinds,)), key
         assert all(type(name) is str for name in component["files"])
+        if component["pipeline"] is not None:
+            assert list(component["pipeline"]) == list(PIPELINE_TYPES)
+            for key, kinds in PIPELINE_TYPES.items():
+                assert type(component["pipeline"][key]) in (kinds if isinstance(kinds, tuple) else (kinds,)), key
     # Strict JSON (no NaN or Infinity), and a lossless round trip.
     assert json.loads(json.dumps(data, allow_nan=False)) == data
 
@@ -501,6 +525,11 @@ def test_to_dict_of_a_run(tiny_flux_nf4):
         assert c["layers_quantized"] == LAYERS[c["name"]] and c["bytes_after"] < c["bytes_before"]
         assert 15 < c["sqnr_min_db"] <= c["sqnr_mean_db"] < 30
         assert c["files"] and all((tiny_flux_nf4.output / c["name"] / f).is_file() for f in c["files"])
+        stages = c["pipeline"]
+        written = sum((tiny_flux_nf4.output / c["name"] / f).stat().st_size for f in c["files"])
+        assert (stages["bytes_read"], stages["bytes_written"]) == (c["bytes_before"], written)
+        assert stages["items"] >= c["layers_quantized"] and stages["slots"] >= 1
+        assert stages["wall"] <= c["seconds"] and stages["peak_gpu_bytes"] is None  # a CPU run
 
 
 def test_to_dict_of_a_dry_run(tiny_flux):
@@ -509,4 +538,5 @@ def test_to_dict_of_a_dry_run(tiny_flux):
     check_schema(data)
     assert (data["method"], data["dry_run"], data["peak_rss_bytes"]) == ("int8", True, 0)
     for c in data["components"]:
-        assert (c["seconds"], c["sqnr_mean_db"], c["sqnr_min_db"], c["files"]) == (0.0, None, None, [])
+        measured = (c["seconds"], c["sqnr_mean_db"], c["sqnr_min_db"], c["files"], c["pipeline"])
+        assert measured == (0.0, None, None, [], None)

@@ -360,8 +360,8 @@ def test_ctrl_c_says_nothing_was_written(tiny_flux, work, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    real = qtool.quantize.quantize_tensor
-    monkeypatch.setattr(qtool.quantize, "quantize_tensor", interrupt)
+    real = qtool.quantize.quantize_pending
+    monkeypatch.setattr(qtool.quantize, "quantize_pending", interrupt)
     outcome = quantize(tiny_flux, "-o", work / "out")
     message = "interrupted (SIGINT): nothing half-written was left behind\n"
     assert (outcome.exit_code, outcome.stdout, outcome.stderr) == (130, "", message)

@@ -9,6 +9,7 @@ are as before. The Hub rows are in test_hub_faults.py, the header fuzz in test_f
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import os
 import pickle
@@ -570,7 +571,7 @@ def test_runs_are_deterministic_and_leave_the_input_as_it_was(tiny_flux, tmp_pat
 
 
 def _corrupt_entries(monkeypatch, target: str, n: int, change) -> None:
-    """Make the n-th call of ``target`` (a dotted name of a function taking and returning entries) change them."""
+    """Make the n-th call of ``target`` (a dotted name of a function returning one quantized layer) change it."""
     import importlib
 
     module_name, _, attr = target.rpartition(".")
@@ -585,8 +586,9 @@ def _corrupt_entries(monkeypatch, target: str, n: int, change) -> None:
     monkeypatch.setattr(owner, attr, wrapper)
 
 
-def _double_absmax(entries: dict) -> dict:
-    return entries | {"weight.absmax": entries["weight.absmax"] * 2}
+def _double_absmax(layer):
+    """A codec defect: a quantized layer (``qtool.quantize.PendingLayer``) whose absmax is twice too large."""
+    return dataclasses.replace(layer, tensors=layer.tensors | {"weight.absmax": layer.tensors["weight.absmax"] * 2})
 
 
 def _double_absmax_in_group(group: dict) -> dict:
@@ -596,7 +598,7 @@ def _double_absmax_in_group(group: dict) -> dict:
 
 def test_verification_stops_a_codec_defect_before_anything_is_written(t5, work, monkeypatch):
     """Entries that do not dequantize to the source within the format's bound: the run stops, naming the layer."""
-    _corrupt_entries(monkeypatch, "qtool.quantize.quantize_tensor", 5, _double_absmax)
+    _corrupt_entries(monkeypatch, "qtool.quantize.quantize_pending", 5, _double_absmax)
     refused("quantize", t5, work, "verification failed", "absmax value(s) off by more than the format allows")
 
 
