@@ -4,7 +4,8 @@
 folder at FLUX.1-dev's real size (transformer 11.9B parameters, 23.8 GB bf16; T5-XXL encoder 4.8B; CLIP-L; the
 16-channel VAE) from random bf16 weights generated on the GPU. Key names and shapes come from the real classes built
 on the meta device; the key set is the one ``save_pretrained`` writes (taken from the tiny folder), sharded like the
-Hub repo (10 GB / 5 GB shards). A marker file written last says the folder is complete, so later runs reuse it.
+Hub repo (10 GB / 5 GB shards). Marker files written last say what is complete, so later runs reuse it; only the
+components a run needs are made full size.
 
 Reading what was generated (``component_files``, ``header_stats``) needs no torch.
 """
@@ -20,7 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MARKER = ".e2e-source.json"
+MARKER = ".e2e-source.json"  # in the pipeline folder: its size and generator version
+FULL_SIZE = ".e2e-full-size"  # in a component folder: made at FLUX.1-dev's size
 # Bump when the generated weights or layout change, so that old folders are re-made rather than reused.
 GENERATOR_VERSION = 1
 
@@ -85,20 +87,41 @@ def is_complete(src: Path, size: str) -> bool:
     return marker == {"size": size, "generator": GENERATOR_VERSION}
 
 
-def ensure_source(src: Path, size: str) -> bool:
-    """Generate the pipeline in ``src`` unless a complete one for ``size`` is there; True if it was generated. The
-    dev weights are made in a child process, so that this one never holds GPU memory."""
-    if is_complete(src, size):
-        return False
-    shutil.rmtree(src, ignore_errors=True)
-    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_flux.py"), str(src), "--overwrite"], check=True)
-    if size == "dev":
-        for seed, name in enumerate(DEV_CONFIGS):
-            code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _flux_source as s; "
-            code += f"s.regenerate(s.Path({str(src / name)!r}), s.DEV_CONFIGS[{name!r}], {seed})"
-            subprocess.run([sys.executable, "-c", code], check=True, cwd=src.parent)
-    (src / MARKER).write_text(json.dumps({"size": size, "generator": GENERATOR_VERSION}) + "\n")
-    return True
+def is_full_size(src: Path, name: str) -> bool:
+    return (src / name / FULL_SIZE).exists()
+
+
+def ensure_source(src: Path, size: str, components: list[str]) -> bool:
+    """Make ``src`` a complete pipeline for ``size`` whose ``components`` are at full size at dev (the others stay
+    tiny until a later run asks for them); True if anything was generated. Everything is made from a pristine tiny
+    pipeline kept beside ``src``, so that a run killed half way is repaired, not trusted; the dev weights are made
+    in child processes, so that this one never holds GPU memory."""
+    generated = False
+    template = src.parent / "tiny-template"
+    if not is_complete(template, "tiny"):
+        shutil.rmtree(template, ignore_errors=True)
+        script = ROOT / "examples" / "make_tiny_flux.py"
+        subprocess.run([sys.executable, str(script), str(template), "--overwrite"], check=True)
+        (template / MARKER).write_text(json.dumps({"size": "tiny", "generator": GENERATOR_VERSION}) + "\n")
+        generated = True
+    if not is_complete(src, size):
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(template, src)
+        (src / MARKER).write_text(json.dumps({"size": size, "generator": GENERATOR_VERSION}) + "\n")
+        generated = True
+    if size != "dev":
+        return generated
+    for seed, name in enumerate(DEV_CONFIGS):
+        if name not in components or is_full_size(src, name):
+            continue
+        shutil.rmtree(src / name)
+        shutil.copytree(template / name, src / name)
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import _flux_source as s; "
+        code += f"s.regenerate(s.Path({str(src / name)!r}), s.DEV_CONFIGS[{name!r}], {seed})"
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=src.parent)
+        (src / name / FULL_SIZE).touch()
+        generated = True
+    return generated
 
 
 def regenerate(component: Path, overrides: dict, seed: int) -> None:
@@ -135,8 +158,11 @@ def regenerate(component: Path, overrides: dict, seed: int) -> None:
 
 
 def component_files(src: Path, components: list[str]) -> list[Path]:
-    """Every file of these component folders (weights, index, config), in name order."""
-    return sorted(p for name in components for p in (src / name).rglob("*") if p.is_file())
+    """Every file of these component folders (weights, index, config; not our markers), in name order."""
+    files = (
+        p for name in components for p in (src / name).rglob("*") if p.is_file() and p.name not in (MARKER, FULL_SIZE)
+    )
+    return sorted(files)
 
 
 def header_stats(files: list[Path]) -> dict:

@@ -562,23 +562,30 @@ print("image", image.shape)
 # --- plan, summary, main ------------------------------------------------------------------------------------------
 
 
+def needed_components(args: argparse.Namespace) -> list[str]:
+    """The components to make full size: the measured ones, and all of them for `loads` (it runs the pipeline)."""
+    return list(_flux_source.DEV_CONFIGS) if "loads" in args.steps else list(args.components)
+
+
 def plan(bench: Bench, steps: list[str]) -> str:
     """What a run would do, from the arguments and the disk alone (no torch)."""
     args, lines = bench.args, []
-    src = bench.src
-    if _flux_source.is_complete(src, args.size):
-        lines.append(f"source: {src} (complete; reused)")
-    else:
-        lines.append(f"source: {src} missing: generated first (examples/make_tiny_flux.py; at dev, ~1-2 min on a GPU)")
+    src, complete = bench.src, _flux_source.is_complete(bench.src, args.size)
+    todo = [] if complete else ["the tiny pipeline (examples/make_tiny_flux.py)"]
+    if args.size == "dev":
+        todo += [n for n in needed_components(args) if not (complete and _flux_source.is_full_size(src, n))]
+    took = " (~1-2 min on a GPU for all)" if args.size == "dev" else ""
+    made = f"first generates {', '.join(todo)}{took}" if todo else "reused"
+    lines.append(f"source: {src}: {made}")
     for target in targets(args):
-        if _flux_source.is_complete(src, args.size):
+        if complete and (args.size == "tiny" or all(_flux_source.is_full_size(src, n) for n in target)):
             info = _flux_source.header_stats(_flux_source.component_files(src, list(target)))
-            size, params = info["bytes"], f"{info['parameters'] / 1e9:.2f}B parameters"
+            size, params = info["bytes"], f"{info['parameters'] / 1e9:.3g}B parameters"
         elif args.size == "dev":
             size, params = sum(_flux_source.DEV_BYTES[n] for n in target), "as FLUX.1-dev"
         else:
             size, params = None, "sizes known once generated"
-        lines.append(f"target {bench.shape(target)}: " + (f"{size / GB:.2f} GB ({params})" if size else params))
+        lines.append(f"target {bench.shape(target)}: " + (f"{size / GB:.3g} GB ({params})" if size else params))
     existing = args.workdir
     while not existing.exists():
         existing = existing.parent
@@ -695,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     found = json.loads(proc.stdout.splitlines()[-1].removeprefix("RESULT "))
     _results.environment = lambda: found
     start = time.perf_counter()
-    if _flux_source.ensure_source(bench.src, args.size):
+    if _flux_source.ensure_source(bench.src, args.size, needed_components(args)):
         print(f"source generated in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     for step in args.steps:
         print(f"== {step}", file=sys.stderr)
