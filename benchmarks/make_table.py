@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import math
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ KEY = ("op", "provider", "shape", "metric", "notes")
 REQUIRED = {"op", "provider", "shape", "metric", "unit", "median", "notes", "date"}
 ENVIRONMENT = ("gpu", "driver", "torch", "triton", "bnb", "diffusers", "transformers")
 E2E, KERNELS = "e2e.csv", "codecs.csv"
+METRIC_ORDER = {"time": 0, "bandwidth": 1, "speedup_vs_bnb": 2, "host_time": 3}
 OP_ORDER = ("read", "quantize-nf4-dq", "quantize-int8", "dequantize-nf4-dq", "dequantize-int8")
 # The end-to-end table's columns: (metric, header). What each means is said under the table.
 E2E_COLUMNS = (
@@ -233,16 +235,31 @@ def mark(value: float, limit: float, sense: str) -> str:
     return f"{fmt(value)} {'✓' if ok else '✗'}"
 
 
+def shape_rank(shape: str) -> tuple:
+    """``3072x12288`` by element count, then by name; other shapes by name."""
+    dims = shape.split("x")
+    return (0, math.prod(int(d) for d in dims), shape) if all(d.isdigit() for d in dims) else (1, 0, shape)
+
+
 def render_pivot(rows: list[dict]) -> str:
-    """Any other CSV: a row per (op, shape, notes), a column per (provider, metric)."""
-    keys = sorted(dict.fromkeys((r["op"], r["shape"], r["notes"]) for r in rows), key=lambda k: (k[0], k[1], k[2]))
-    columns = list(dict.fromkeys((r["metric"], r["unit"], r["provider"]) for r in rows))
-    header = ["op", "shape", "notes", *(f"{p} {m} ({u})" for m, u, p in columns)]
-    body = []
-    for op, shape, notes in keys:
-        cells = [figure(rows, op=op, shape=shape, notes=notes, metric=m, provider=p) for m, _, p in columns]
-        body.append([op, shape, notes, *(fmt(c["median"]) if c else "" for c in cells)])
-    return table(header, body)
+    """Any other CSV (the kernels'): a table per op, a row per (notes, shape), a column per (provider, metric) that
+    the op has, the time first."""
+    parts = []
+    order = ("quantize_4bit", "dequantize_4bit", "quantize_8bit", "dequantize_8bit")
+    ops = dict.fromkeys(r["op"] for r in rows)
+    for op in sorted(ops, key=lambda o: (o == "copy", order.index(o) if o in order else len(order), o)):
+        here = [r for r in rows if r["op"] == op]
+        keys = sorted(dict.fromkeys((r["notes"], r["shape"]) for r in here), key=lambda k: (k[0], shape_rank(k[1])))
+        metrics = sorted(dict.fromkeys((r["metric"], r["unit"]) for r in here), key=lambda m: METRIC_ORDER.get(m[0], 9))
+        providers = sorted(dict.fromkeys(r["provider"] for r in here), key=lambda p: (p != "qtool", p))
+        columns = [(m, u, p) for m, u in metrics for p in providers if figure(here, metric=m, provider=p)]
+        header = ["notes", "shape", *(f"{p} {m.replace('_', ' ')} ({u})" for m, u, p in columns)]
+        body = []
+        for notes, shape in keys:
+            cells = [figure(here, notes=notes, shape=shape, metric=m, provider=p) for m, _, p in columns]
+            body.append([notes, shape, *(fmt(c["median"]) if c else "" for c in cells)])
+        parts.append(f"`{op}`:\n\n" + table(header, body))
+    return "\n\n".join(parts)
 
 
 def render(results: Path = RESULTS) -> str:
