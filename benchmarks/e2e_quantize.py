@@ -438,23 +438,31 @@ def step_bnb(bench: Bench, method: str) -> None:
         provider = bnb_provider(bench.src, target)
         if not guard(bench, f"{op} {'+'.join(target)} by {provider}", int(spec["ratio"] * source_bytes(bench, target))):
             continue
-        out = bench.out_dir / f"bnb-{method}-{'+'.join(target)}"
-        for state in bench.args.page_cache:
-            runs, notes = [], ""
-            for _ in range(bench.args.repeat):
-                notes = page_cache(bench, bench.src, target, state)
-                cmd = child_cmd("bnb-quantize", bench.src, out, target, method)
-                figures = run_tool(bench, f"bnb-{method}-{'+'.join(target)}", cmd, out, (bench.src,))
-                if figures is None:
-                    break
-                runs.append(figures)
-            if runs:
-                bench.emit(rows_of(op, provider, bench.shape(target), notes, runs))
+        out = measure_bnb(bench, op, "bnb-quantize", bench.src, target, method, (bench.src,), "")
         if out.exists() and bench.args.compare:
             ours = ensure_quantized(bench, method, target, protect=(out,))
             if ours is not None:
                 compare_outputs(bench, op, provider, target, ours, out)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def measure_bnb(bench: Bench, op: str, kind: str, src: Path, target, method: str, inputs, more: str) -> Path:
+    """The diffusers/transformers + bnb route's runs of one op on one target, in each page-cache state asked for;
+    returns where the last one wrote (for the comparison)."""
+    provider = bnb_provider(bench.src, target)
+    out = bench.out_dir / f"{kind}-{method}-{'+'.join(target)}"
+    for state in bench.args.page_cache:
+        runs, notes = [], ""
+        for _ in range(bench.args.repeat):
+            notes = page_cache(bench, src, target, state) + more
+            figures = run_tool(bench, out.name, child_cmd(kind, src, out, target, method), out, inputs)
+            if figures is None:
+                break
+            runs.append(figures)
+            notes += f"; {bench.workaround}" if bench.workaround else ""
+        if runs:
+            bench.emit(rows_of(op, provider, bench.shape(target), notes, runs))
+    return out
 
 
 def compare_outputs(bench: Bench, op: str, provider: str, target, ours: Path, theirs: Path) -> None:
@@ -497,21 +505,8 @@ def step_dequant(bench: Bench, method: str, tool: str) -> None:
         if tool == "qtool":
             measure_qtool(bench, op, "dequantize", quantized, target, [], (bench.src, quantized), None)
             continue
-        provider = bnb_provider(bench.src, target)
-        out = bench.out_dir / f"bnb-dequant-{method}-{'+'.join(target)}"
-        for state in bench.args.page_cache:
-            runs, notes = [], ""
-            for _ in range(bench.args.repeat):
-                notes = page_cache(bench, quantized, target, state) + "; input written by qtool"
-                cmd = child_cmd("bnb-dequantize", quantized, out, target, method)
-                figures = run_tool(bench, f"bnb-dequant-{method}-{'+'.join(target)}", cmd, out, (bench.src, quantized))
-                if figures is None:
-                    break
-                runs.append(figures)
-                if bench.workaround:
-                    notes += f"; {bench.workaround}"
-            if runs:
-                bench.emit(rows_of(op, provider, bench.shape(target), notes, runs))
+        inputs = (bench.src, quantized)
+        out = measure_bnb(bench, op, "bnb-dequantize", quantized, target, method, inputs, "; input written by qtool")
         shutil.rmtree(out, ignore_errors=True)
 
 
