@@ -2,11 +2,13 @@
 bitsandbytes and beside merely reading the files, each in a fresh process, in one run (issue 7).
 
     python benchmarks/e2e_quantize.py --workdir /tmp/e2e [--size dev|tiny] [--only read,qtool-nf4dq,...] [--dry-run]
+    python benchmarks/e2e_quantize.py --components transformer --no-combined --only read,qtool-nf4dq,bnb-nf4dq
 
-1. Source: a synthetic pipeline with FLUX.1-dev's shapes, key names, configs and sharding (benchmarks/_flux_source.py),
-   generated in ``<workdir>/src-<size>`` unless a complete one is there (a marker file), so re-runs reuse it.
-2. Steps (``--only``; each stands alone, so a run can be split over several calls), per target: each component of
-   ``--components`` alone and, with ``--combined``, all of them in one run:
+1. Source: a synthetic pipeline with FLUX.1-dev's shapes, key names, configs and sharding (benchmarks/_flux_source.py)
+   in ``<workdir>/src-<size>``; marker files say what is complete, so re-runs reuse it, and only the components a
+   run needs are made full size.
+2. Steps (``--only``; each stands alone, so a run can be split over several calls), per target: each item of
+   ``--components`` (``a+b``: both in one run) and, with ``--combined``, all of them in one run:
    - ``read``: every file of the target read once, page cache cold (evicted) and warm, 1 thread (16 MiB
      ``readinto``) and ``--read-threads`` threads (64 MiB ranges, ``os.preadv``): the floor for any loader.
    - ``qtool-<method>``: ``python -m qtool quantize`` (the CLI, under a 3-line atexit hook that reports PyTorch's
@@ -16,11 +18,14 @@ bitsandbytes and beside merely reading the files, each in a fresh process, in on
    - ``qtool-dequant-<method>`` / ``bnb-dequant-<method>``: ``python -m qtool dequantize`` of qtool's output, and
      ``from_pretrained`` of the same output, ``model.dequantize()``, ``save_pretrained``.
    - ``loads``: qtool's NF4 output through ``FluxPipeline.from_pretrained(out)`` for two steps (GPU only).
+   qtool's outputs are kept in ``<workdir>/keep`` for later steps (comparison, dequantize, loads) and deleted, least
+   recently used first, when a step needs the disk; a step that would still not fit is skipped and says so.
 3. Figures per run: wall time from spawn to exit (files written, not yet synced; ``sync_after`` is the ``os.sync``
    that follows), peak host memory (``ru_maxrss`` from ``wait4``: resident pages, file-backed ones included), peak GPU
    memory (PyTorch's ``max_memory_allocated`` in the process, and NVML's figure for the pid sampled every 50 ms, the
    CUDA context included), bytes written (files not hard-linked to an input), and the tool's own stage times.
    Every figure is a row of benchmarks/_results.py's schema appended to ``--out``; a summary table ends the output.
+   This process stays small and torch-free: children started by vfork inherit its peak RSS as their ru_maxrss.
 """
 
 from __future__ import annotations
@@ -133,8 +138,24 @@ def bnb_provider(src: Path, target: tuple[str, ...]) -> str:
 
 
 def targets(args: argparse.Namespace) -> list[tuple[str, ...]]:
-    names = tuple(args.components)
-    return [(name,) for name in names] + ([names] if args.combined and len(names) > 1 else [])
+    """What is measured, each in its own runs: every --components item (``a+b`` is a and b in one run), and with
+    --combined all the components named, together."""
+    found = [canonical(item.split("+")) for item in args.components]
+    together = components(args)
+    if args.combined and len(together) > 1 and together not in found:
+        found.append(together)
+    return found
+
+
+def components(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every component named in --components, once, in order."""
+    return canonical(name for item in args.components for name in item.split("+"))
+
+
+def canonical(names) -> tuple[str, ...]:
+    """Component names once each, in the pipeline's order (so that a+b and b+a are one target)."""
+    order = list(_flux_source.DEV_CONFIGS)
+    return tuple(sorted(set(names), key=lambda n: order.index(n) if n in order else len(order)))
 
 
 def inodes(folder: Path) -> set:
@@ -511,8 +532,8 @@ def step_dequant(bench: Bench, method: str, tool: str) -> None:
 
 
 def step_loads(bench: Bench) -> None:
-    """qtool's NF4 + double-quant output of every --components loads with FluxPipeline.from_pretrained and runs."""
-    target = tuple(bench.args.components)
+    """qtool's NF4 + double-quant output (transformer and T5) loads with FluxPipeline.from_pretrained and runs."""
+    target = COMPONENTS
     if not bench.cuda:
         bench.skipped.append("loads: skipped, needs a GPU")
         return
@@ -559,7 +580,7 @@ print("image", image.shape)
 
 def needed_components(args: argparse.Namespace) -> list[str]:
     """The components to make full size: the measured ones, and all of them for `loads` (it runs the pipeline)."""
-    return list(_flux_source.DEV_CONFIGS) if "loads" in args.steps else list(args.components)
+    return list(_flux_source.DEV_CONFIGS) if "loads" in args.steps else list(components(args))
 
 
 def plan(bench: Bench, steps: list[str]) -> str:
@@ -612,7 +633,7 @@ def plan(bench: Bench, steps: list[str]) -> str:
         elif step.startswith("bnb-"):
             lines.append("    " + shown(child_cmd("bnb-quantize", src, out, target, step.split("-", 1)[1])))
         elif step == "loads":
-            what = "+".join(args.components)
+            what = "+".join(COMPONENTS)
             lines.append(f"    FluxPipeline.from_pretrained(<qtool nf4dq output of {what}>) on the GPU, 2 steps")
         if step not in ("read", "loads") and len(targets(args)) > 1:
             lines.append(f"    (and likewise for {', '.join('+'.join(t) for t in targets(args)[1:])})")
@@ -642,7 +663,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="all",
         help=f"comma-separated steps, in this order whatever the order given: {','.join(STEPS)}",
     )
-    parser.add_argument("--components", default=",".join(COMPONENTS), help="components measured, each alone")
+    parser.add_argument(
+        "--components",
+        default=",".join(COMPONENTS),
+        help="what is measured, comma-separated: a component alone, or a+b for both in one run",
+    )
     parser.add_argument(
         "--combined",
         action=argparse.BooleanOptionalAction,
@@ -670,6 +695,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.workdir = args.workdir.expanduser().resolve()
     only = STEPS if args.only == "all" else tuple(s for s in args.only.split(",") if s)
     unknown = sorted(set(only) - set(STEPS))
+    known = set(_flux_source.DEV_CONFIGS)
+    if set(components(args)) - known:
+        parser.error(f"--components: unknown {sorted(set(components(args)) - known)}; known: {sorted(known)}")
     if unknown or set(args.page_cache) - {"warm", "cold"} or args.repeat < 1:
         parser.error(f"unknown steps {unknown}" if unknown else "--page-cache takes warm and/or cold; --repeat >= 1")
     args.steps = [s for s in STEPS if s in only]
