@@ -431,9 +431,12 @@ def _quantize_component(
             slots=pipeline.DEFAULT_SLOTS,
             slot_bytes=slot_bytes(plan.weights, groups, [g for g in groups if g[0] in plan.layers]),
         )
+        t = time.perf_counter()
         files = writer.close()
         bytes_after = writer.total_size
+        stats.finish = time.perf_counter() - t
         verify.verify_component(plan, spec, out, reader, device)
+        stats.verify = time.perf_counter() - t - stats.finish
     progress.finish()
     stats.bytes_read = sum(plan.weights.tensors[k].nbytes for g in groups for k in g)
     stats.bytes_written = sum(p.stat().st_size for p in files)

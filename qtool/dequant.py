@@ -246,9 +246,12 @@ def _dequantize_component(
             slots=pipeline.DEFAULT_SLOTS,
             slot_bytes=slot_bytes(weights, groups, [g for g in groups if g[0] in layers]),
         )
+        t = time.perf_counter()
         files = writer.close()
         bytes_after = writer.total_size
+        stats.finish = time.perf_counter() - t
         verify.verify_dequantized(weights, layers, out, reader, device, target)
+        stats.verify = time.perf_counter() - t - stats.finish
     progress.finish()
     stats.bytes_read = weights.total_bytes
     stats.bytes_written = sum(p.stat().st_size for p in files)

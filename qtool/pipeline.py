@@ -110,7 +110,8 @@ class PipelineStats:
     ``read``, ``compute`` and ``write`` are the busy time of each stage; ``wait`` is the writer's wait for an
     item's device work and device-to-host copies (CUDA; zero on the CPU); ``starved`` is the calling thread's wait
     for the reader. With overlap, ``wall`` is close to the largest stage time rather than their sum. The caller
-    fills in the bytes and the GPU peak (``torch.cuda.max_memory_allocated``).
+    fills in the bytes, the GPU peak (``torch.cuda.max_memory_allocated``) and what it does after the stream:
+    ``finish`` (the writer's close: shards completed and renamed, the index) and ``verify`` (the read-back).
     """
 
     wall: float = 0.0
@@ -122,6 +123,8 @@ class PipelineStats:
     items: int = 0
     slots: int = 0
     slot_bytes: int = 0  # host memory of all slots together (pinned on CUDA) at the end
+    finish: float = 0.0
+    verify: float = 0.0
     bytes_read: int = 0
     bytes_written: int = 0
     peak_gpu_bytes: int | None = None
