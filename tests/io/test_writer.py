@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import assert_equal
 from qtool.io import writer as writer_module
-from qtool.io.writer import ShardedWriter
+from qtool.io.writer import Planned, ShardedWriter
 
 
 def sha256(path: Path) -> str:
@@ -309,3 +309,135 @@ def test_max_shard_size_must_be_positive_int(tmp_path, size):
 def test_base_name_must_be_plain(tmp_path, base):
     with pytest.raises(ValueError, match="base_name"):
         ShardedWriter(tmp_path, base, 100)
+
+
+# --- with a plan: each tensor written once, at its place -------------------------------------------------------------
+
+
+def planned(groups: list[dict[str, torch.Tensor]], guessed: dict[str, tuple[int, ...]] | None = None) -> list[dict]:
+    """The plan of ``groups``: every tensor's tag and shape, or for the keys in ``guessed`` that shape, inexact."""
+    guessed = guessed or {}
+    return [
+        {
+            k: Planned(writer_module._TAGS[t.dtype], guessed.get(k, tuple(t.shape)), exact=k not in guessed)
+            for k, t in g.items()
+        }
+        for g in groups
+    ]
+
+
+def layers_with_blobs(n: int, blob_sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """n 4-bit-like layers whose JSON blobs have the given lengths (what a guess must be corrected to), a bias each
+    second layer, and plain tensors of other dtypes between them."""
+    groups = []
+    for i in range(n):
+        g = layer(f"blocks.{i}", 40 + 8 * i)
+        g[f"blocks.{i}.weight.quant_state.bitsandbytes__nf4"] = torch.randint(
+            0, 256, (blob_sizes[i],), dtype=torch.uint8
+        )
+        if i % 2:
+            g[f"blocks.{i}.bias"] = torch.randn(7).bfloat16()
+        groups.append(g)
+        groups.append({f"norm{i}.weight": torch.randn(5 + i).half()})
+    return groups
+
+
+def write_planned(folder: Path, groups, plan, order, max_shard_size=10**10) -> list[Path]:
+    with ShardedWriter(folder, "model", max_shard_size, plan=plan) as w:
+        for i in order:
+            w.add_group(groups[i])
+    return w.close()
+
+
+ORDERS = {
+    "plan": lambda n: list(range(n)),
+    "reversed": lambda n: list(range(n))[::-1],
+    "shuffled": lambda n: random.Random(0).sample(range(n), n),
+}
+
+
+@pytest.mark.parametrize("max_shard_size", [10**10, 700, 333], ids=["one-shard", "shards", "small-shards"])
+@pytest.mark.parametrize("guess", ["none", "right", "wrong"])
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_a_planned_writer_writes_what_an_unplanned_one_writes(tmp_path, order, guess, max_shard_size):
+    """Whatever order the planned groups arrive in, and whether the guessed blob lengths were right or not, every
+    file equals what the writer writes without a plan, groups added in plan order (i.e. save_pretrained's)."""
+    blob_sizes = [17 + (i * 5) % 9 for i in range(6)]
+    groups = layers_with_blobs(6, blob_sizes)
+    blobs = {k: t.shape for g in groups for k, t in g.items() if "quant_state" in k}
+    guessed = {} if guess == "none" else {k: (s[0] if guess == "right" else 20,) for k, s in blobs.items()}
+    expected = write(tmp_path / "unplanned", groups, max_shard_size)
+    files = write_planned(tmp_path / "planned", groups, planned(groups, guessed), ORDERS[order](len(groups)),
+                          max_shard_size)  # fmt: skip
+    assert [f.name for f in files] == [f.name for f in expected]
+    for ours, theirs in zip(files, expected, strict=True):
+        assert ours.read_bytes() == theirs.read_bytes(), ours.name
+    assert sorted(os.listdir(tmp_path / "planned")) == sorted(f.name for f in files)  # no spool or part left
+
+
+def test_groups_in_layout_order_are_each_written_once_in_place(tmp_path, monkeypatch):
+    """Groups arriving in save_file's order (by key) with guessed blob lengths: nothing waits in a spool and nothing
+    is copied at close: each byte is written once."""
+    groups = layers_with_blobs(5, [19, 23, 18, 21, 20])
+    plan = planned(groups, {k: (20,) for g in groups for k in g if "quant_state" in k})
+    copies = []
+    real = writer_module._copy_range
+    monkeypatch.setattr(writer_module, "_copy_range", lambda *a: copies.append(a) or real(*a))
+    order = sorted(range(len(groups)), key=lambda i: min(groups[i]))
+    spools = []
+    with ShardedWriter(tmp_path / "out", "model", 10**10, plan=plan) as w:
+        for i in order:
+            w.add_group(groups[i])
+            spools += [p for p in os.listdir(tmp_path / "out") if p.endswith(".spool")]
+    w.close()
+    assert copies == [] and spools == []
+    expected = write(tmp_path / "ref", groups)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == expected[0].read_bytes()
+
+
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("change", ["missing-group", "missing-key", "other-shape", "other-dtype"])
+def test_what_differs_from_the_plan_is_written_as_it_arrived(tmp_path, change, order):
+    """A group never added, a key left out of its group, a tensor of another shape or dtype than planned: the files
+    are those of what arrived (re-laid out at close), as an unplanned writer makes them."""
+    groups = layers_with_blobs(4, [20, 20, 20, 20])
+    plan = planned(groups, {k: (20,) for g in groups for k in g if "quant_state" in k})
+    actual = [dict(g) for g in groups]
+    if change == "missing-group":
+        del actual[3]
+    elif change == "missing-key":
+        del actual[2]["blocks.1.weight.absmax"]
+    elif change == "other-shape":
+        actual[0]["blocks.0.weight.quant_map"] = torch.randn(7)
+    else:
+        actual[4]["blocks.2.weight.quant_map"] = actual[4]["blocks.2.weight.quant_map"].double()
+    expected = write(tmp_path / "ref", actual)
+    files = write_planned(tmp_path / "out", actual, plan, ORDERS[order](len(actual)))
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in expected]
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
+
+
+def test_a_plan_refuses_keys_it_does_not_hold_and_groups_it_splits(tmp_path):
+    groups = [{"a": torch.randn(2), "b": torch.randn(2)}, {"c": torch.randn(2)}]
+    w = ShardedWriter(tmp_path, "model", 1000, plan=planned(groups))
+    with pytest.raises(ValueError, match="not in the writer's plan"):
+        w.add_group({"z": torch.randn(2)})
+    with pytest.raises(ValueError, match="different groups of the plan"):
+        w.add_group({"a": torch.randn(2), "c": torch.randn(2)})
+    w.add_group(groups[1])
+    with pytest.raises(ValueError, match="already added"):
+        w.add_group(groups[1])
+    with pytest.raises(ValueError, match="repeated key"):
+        ShardedWriter(tmp_path / "x", "model", 1000, plan=[{"a": Planned("F32", (1,))}, {"a": Planned("F32", (1,))}])
+
+
+def test_a_planned_writer_aborted_midway_leaves_nothing(tmp_path):
+    (tmp_path / "README.md").write_text("not ours")
+    groups = layers_with_blobs(4, [20, 21, 22, 23])
+    plan = planned(groups, {k: (20,) for g in groups for k in g if "quant_state" in k})
+    w = ShardedWriter(tmp_path, "model", 10**10, plan=plan)
+    for g in groups[::-1][:5]:  # out of order: parts and spools both exist
+        w.add_group(g)
+    assert any(p.endswith(".spool") for p in os.listdir(tmp_path))
+    w.abort()
+    assert os.listdir(tmp_path) == ["README.md"]
