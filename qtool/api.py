@@ -356,6 +356,44 @@ def slot_bytes(weights: ComponentWeights, groups: list[list[str]], device_groups
     return max(device, min(max((size(g) for g in groups), default=0), 64 * 2**20))
 
 
+def _writer_plan(plan: ComponentPlan, spec: QuantSpec, groups: list[list[str]]):
+    """What the writer will be given, group by group in plan order (``ShardedWriter(plan=...)``), so that it writes
+    each tensor once, at its place; None where a kept tensor has a dtype the writer cannot write (it then refuses
+    it when it arrives, as without a plan). The quant-state blob's length is exact without double quant; with it,
+    the offset's repr is guessed (``TYPICAL_OFFSET``) and the writer waits for the real one where it matters."""
+    from qtool.formats.bnb4 import BLOB_PREFIX, blob_fields
+    from qtool.io.writer import Planned, writable
+    from qtool.plan import DTYPE_NAMES, TYPICAL_OFFSET
+    from qtool.verify import expected_tensors
+
+    expected = expected_tensors(plan, spec)
+    out = []
+    for keys in groups:
+        layer = plan.layers.get(keys[0])
+        names = list(keys)
+        if layer is not None:
+            if spec.bits == 8:
+                names[:1] = [layer.key, f"{layer.fqn}.SCB", f"{layer.fqn}.weight_format"]
+            else:
+                nested = [".nested_absmax", ".nested_quant_map"] if spec.double_quant else []
+                blob = "." + BLOB_PREFIX.removeprefix("weight.") + spec.quant_type
+                suffixes = ["", ".absmax", ".quant_map", *nested, blob]
+                names[:1] = [layer.key + suffix for suffix in suffixes]
+        group = {}
+        for name in names:
+            tag, shape = expected[name]
+            if not writable(tag):
+                return None
+            if shape is None:  # the blob
+                offset = TYPICAL_OFFSET if spec.double_quant else None
+                fields = blob_fields(spec.quant_type, spec.blocksize, DTYPE_NAMES[layer.dtype], layer.shape, offset)
+                group[name] = Planned(tag, (len(json.dumps(fields).encode()),), exact=not spec.double_quant)
+            else:
+                group[name] = Planned(tag, tuple(shape))
+        out.append(group)
+    return out
+
+
 def _quantize_component(
     plan: ComponentPlan, spec: QuantSpec, out: Path, device: str, progress: Progress, allow_nonfinite: bool = False
 ) -> ComponentResult:
@@ -382,6 +420,12 @@ def _quantize_component(
         if not (key in bias_of and bias_of[key] in plan.weights.tensors)
         for layer in [plan.layers.get(key)]
     ]
+    # The writer decides the shards from the plan's order (writer_plan); the groups are worked on in key order,
+    # save_file's layout within a dtype, so that each reaches the writer once everything before it in its shard's
+    # layout is known (with double quant, the blobs' lengths) and is written straight to its place. It is also the
+    # order the tensors lie in the source files that save_file wrote.
+    writer_plan = _writer_plan(plan, spec, groups)
+    order = sorted(groups)
     if spec.bits == 8:
         options = {"bits": 8}
     else:
@@ -420,11 +464,11 @@ def _quantize_component(
 
     with (
         TensorReader(plan.weights, threads=READ_THREADS[device]) as reader,
-        ShardedWriter(out, plan.weights.base_name, MAX_SHARD_SIZE[plan.library]) as writer,
+        ShardedWriter(out, plan.weights.base_name, MAX_SHARD_SIZE[plan.library], plan=writer_plan) as writer,
     ):
         stats = pipeline.run(
-            groups,
-            read=stream_groups(reader, groups),
+            order,
+            read=stream_groups(reader, order),
             compute=compute,
             write=write,
             device=device,

@@ -235,7 +235,9 @@ def _dequantize_component(
 
     with (
         TensorReader(weights, threads=READ_THREADS[device]) as reader,
-        ShardedWriter(out, weights.base_name, MAX_SHARD_SIZE[library]) as writer,
+        ShardedWriter(
+            out, weights.base_name, MAX_SHARD_SIZE[library], plan=_writer_plan(reader, weights, layers, order, target)
+        ) as writer,
     ):
         stats = pipeline.run(
             groups,
@@ -273,6 +275,39 @@ def _dequantize_component(
         files=[p.name for p in files],
         pipeline=stats,
     )
+
+
+def _writer_plan(reader, weights, layers: dict[str, QuantizedLayer], order: list[str], target):
+    """Each output tensor's dtype tag and shape, for ``ShardedWriter(plan=...)``: a dequantized weight's from its
+    quant state (the 4-bit blobs are read here, a few hundred bytes each), every other tensor's from the source.
+    None if a blob cannot be read as one, or a kept tensor has a dtype the writer cannot write: the run then
+    reports the problem where it always has, the writer planning nothing."""
+    import torch
+
+    from qtool.formats import bnb4
+    from qtool.io.writer import Planned, writable
+
+    plan = []
+    for key in order:
+        layer = layers.get(key)
+        if layer is None:
+            info = weights.tensors[key]
+            if not writable(info.dtype):
+                return None
+            plan.append({key: Planned(info.dtype, tuple(info.shape))})
+            continue
+        dtype = target(layer)
+        if layer.bits == 8:
+            shape = tuple(weights.tensors[key].shape)
+        else:
+            blob = next((k for n, k in layer.entries.items() if n.startswith(bnb4.BLOB_PREFIX)), None)
+            try:
+                meta = bnb4.decode_blob(reader.read(blob))
+                shape, dtype = tuple(int(d) for d in meta["shape"]), dtype or bnb4.DTYPES_BY_NAME[meta["dtype"]]
+            except (QtoolError, ValueError, KeyError, TypeError, AttributeError):
+                return None
+        plan.append({key: Planned(_TAGS[str(dtype or torch.float16).removeprefix("torch.")], shape)})
+    return plan
 
 
 def _method(config: dict) -> str:

@@ -315,6 +315,29 @@ def test_the_pipeline_writes_what_a_serial_run_writes(tiny_flux, tmp_path, monke
     assert outputs[1] == outputs[3]
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(double_quant=True), QuantSpec(bits=8)], ids=["nf4-dq", "int8"])
+def test_each_tensor_is_written_once_at_its_place(tiny_flux, tmp_path, monkeypatch, spec):
+    """The writer is told the run's plan, and layers arrive in layout order: no spool file, no copy at close (each
+    byte goes to disk once), and the files are those of the writer without a plan."""
+    from qtool import dequant
+    from qtool.io import writer as writer_module
+
+    made, copies = [], []
+    create, copy = writer_module.ShardedWriter._create, writer_module._copy_range
+    monkeypatch.setattr(writer_module.ShardedWriter, "_create", lambda self, suffix, *a: made.append(suffix) or
+                        create(self, suffix, *a))  # fmt: skip
+    monkeypatch.setattr(writer_module, "_copy_range", lambda *a: copies.append(a) or copy(*a))
+    api.quantize_checkpoint(tiny_flux, spec=spec, output=tmp_path / "q", device="cpu")
+    dequant.dequantize_checkpoint(tmp_path / "q", output=tmp_path / "d", device="cpu")
+    assert ".spool" not in made and made and copies == []
+    monkeypatch.setattr(api, "_writer_plan", lambda *a: None)
+    monkeypatch.setattr(dequant, "_writer_plan", lambda *a: None)
+    api.quantize_checkpoint(tiny_flux, spec=spec, output=tmp_path / "q0", device="cpu")
+    dequant.dequantize_checkpoint(tmp_path / "q0", output=tmp_path / "d0", device="cpu")
+    assert ".spool" in made and copies
+    assert (tree(tmp_path / "q"), tree(tmp_path / "d")) == (tree(tmp_path / "q0"), tree(tmp_path / "d0"))
+
+
 # What a run copies
 
 
