@@ -130,8 +130,10 @@ class PipelineStats:
     peak_gpu_bytes: int | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready: seconds rounded to milliseconds, the rest as they are."""
-        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+        """JSON-ready: the times under ``stage_seconds`` (rounded to milliseconds), then the counts and bytes."""
+        values = asdict(self)
+        seconds = {k: round(v, 3) for k, v in values.items() if isinstance(v, float)}
+        return {"stage_seconds": seconds} | {k: v for k, v in values.items() if k not in seconds}
 
 
 class _Failed:
