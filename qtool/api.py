@@ -323,10 +323,11 @@ class _Done:
     stats: object = None
 
 
-# Threads per large read: with a GPU the reads are what the pipeline waits for (2 threads copy 17% faster from the
-# page cache than 1 on a 2-core machine); on the CPU the reference's arithmetic is (reads are under 3% of a run), and
-# it uses every core.
-READ_THREADS = {"cuda": 2, "cpu": 1}
+# Threads per large read. With a GPU the pipeline waits on reads: from a warm page cache, one thread read the 23.8 GB
+# FLUX transformer at 5.2 GB/s and 8 threads at 16.5 GB/s on the H100 machine (16 cores; benchmarks/results/e2e.csv),
+# and 2 threads gave 17% over 1 even on a 2-core VM. On the CPU the reference's arithmetic is the bottleneck (reads are
+# under 3% of a run) and uses every core.
+READ_THREADS = {"cuda": max(2, min(8, (os.cpu_count() or 2) // 2)), "cpu": 1}
 
 
 def stream_groups(reader, groups: list[list[str]]):
@@ -392,6 +393,22 @@ def _writer_plan(plan: ComponentPlan, spec: QuantSpec, groups: list[list[str]]):
                 group[name] = Planned(tag, tuple(shape))
         out.append(group)
     return out
+
+
+def _output_bytes(writer_plan, groups: list[list[str]], layers) -> int:
+    """An upper bound of a quantized layer's tensors copied back from the device (``Slot.to_host``), aligned: its
+    planned entries, the double-quant offset and the check statistics, for the largest layer."""
+    from qtool.pipeline import _align
+    from qtool.verify import STATS
+
+    if writer_plan is None:
+        return 0
+    sizes = [
+        sum(_align(p.nbytes) for p in group.values()) + _align(4) + _align(8 * len(STATS))
+        for keys, group in zip(groups, writer_plan, strict=True)
+        if keys[0] in layers
+    ]
+    return max(sizes, default=0)
 
 
 def _quantize_component(
@@ -474,6 +491,7 @@ def _quantize_component(
             device=device,
             slots=pipeline.DEFAULT_SLOTS,
             slot_bytes=slot_bytes(plan.weights, groups, [g for g in groups if g[0] in plan.layers]),
+            out_bytes=_output_bytes(writer_plan, groups, plan.layers),
         )
         t = time.perf_counter()
         files = writer.close()

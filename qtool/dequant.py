@@ -172,6 +172,7 @@ def _dequantize_component(
     from qtool.formats.bnb4 import BLOB_PREFIX
     from qtool.io.reader import TensorReader, scan_component
     from qtool.io.writer import ShardedWriter
+    from qtool.pipeline import ALIGN
     from qtool.quantize import dequantize_tensor
 
     start = time.perf_counter()
@@ -233,27 +234,27 @@ def _dequantize_component(
             verify.judge_dequantized(int(count), verify.tensor_name(name, key))
         writer.add_group({key: tensor})
 
-    with (
-        TensorReader(weights, threads=READ_THREADS[device]) as reader,
-        ShardedWriter(
-            out, weights.base_name, MAX_SHARD_SIZE[library], plan=_writer_plan(reader, weights, layers, order, target)
-        ) as writer,
-    ):
-        stats = pipeline.run(
-            groups,
-            read=stream_groups(reader, groups),
-            compute=compute,
-            write=write,
-            device=device,
-            slots=pipeline.DEFAULT_SLOTS,
-            slot_bytes=slot_bytes(weights, groups, [g for g in groups if g[0] in layers]),
-        )
-        t = time.perf_counter()
-        files = writer.close()
-        bytes_after = writer.total_size
-        stats.finish = time.perf_counter() - t
-        verify.verify_dequantized(weights, layers, out, reader, device, target)
-        stats.verify = time.perf_counter() - t - stats.finish
+    with TensorReader(weights, threads=READ_THREADS[device]) as reader:
+        writer_plan = _writer_plan(reader, weights, layers, order, target)
+        # The largest dense weight, and its non-finite count, copied back from the device.
+        out_bytes = max((2 * ALIGN + g[key].nbytes for g in writer_plan or () for key in g if key in layers), default=0)
+        with ShardedWriter(out, weights.base_name, MAX_SHARD_SIZE[library], plan=writer_plan) as writer:
+            stats = pipeline.run(
+                groups,
+                read=stream_groups(reader, groups),
+                compute=compute,
+                write=write,
+                device=device,
+                slots=pipeline.DEFAULT_SLOTS,
+                slot_bytes=slot_bytes(weights, groups, [g for g in groups if g[0] in layers]),
+                out_bytes=out_bytes,
+            )
+            t = time.perf_counter()
+            files = writer.close()
+            bytes_after = writer.total_size
+            stats.finish = time.perf_counter() - t
+            verify.verify_dequantized(weights, layers, out, reader, device, target)
+            stats.verify = time.perf_counter() - t - stats.finish
     progress.finish()
     stats.bytes_read = weights.total_bytes
     stats.bytes_written = sum(p.stat().st_size for p in files)

@@ -59,10 +59,12 @@ class Slot:
     are. The input buffer is allocated once (``nbytes``); the output buffer grows to the largest item's output.
     """
 
-    def __init__(self, nbytes: int, pinned: bool):
+    def __init__(self, nbytes: int, pinned: bool, out_bytes: int = 0):
         self.pinned = pinned
         self.input = _host_buffer(nbytes, pinned)
-        self._output: torch.Tensor | None = None
+        # Sized up front where the caller knows the largest output: a buffer that grows leaves its smaller pinned
+        # predecessors in torch's pinned-memory cache, resident.
+        self._output: torch.Tensor | None = _host_buffer(out_bytes, pinned) if out_bytes and pinned else None
         self._taken = 0
 
     @property
@@ -177,6 +179,7 @@ def run(
     device: str = "cpu",
     slot_bytes: int = 0,
     slots: int = DEFAULT_SLOTS,
+    out_bytes: int = 0,
 ) -> PipelineStats:
     """Stream ``items`` through ``read`` (reader thread), ``compute`` (this thread) and ``write`` (writer thread).
 
@@ -190,6 +193,8 @@ def run(
         device: "cuda" (pinned slots, a side stream, one event per item) or "cpu".
         slot_bytes: each slot's input buffer, in bytes (the largest item's input, aligned per tensor).
         slots: items in flight at most (>= 1).
+        out_bytes: each slot's output buffer for ``Slot.to_host`` on CUDA, if known (the largest item's output,
+            aligned per tensor); it grows as needed otherwise.
 
     Returns:
         The stages' measured times (``PipelineStats``; bytes and GPU peak left for the caller).
@@ -207,7 +212,7 @@ def run(
     stop = threading.Event()
     errors: list[BaseException] = []
     pool: queue.Queue[Slot] = queue.Queue()
-    all_slots = [Slot(slot_bytes, pinned=cuda) for _ in range(slots)]
+    all_slots = [Slot(slot_bytes, pinned=cuda, out_bytes=out_bytes) for _ in range(slots)]
     for slot in all_slots:
         pool.put(slot)
     ready: queue.Queue = queue.Queue()  # reader -> compute: (payload, slot), _END or _Failed; <= slots entries

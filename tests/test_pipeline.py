@@ -111,6 +111,7 @@ def test_a_slot_hands_out_aligned_buffers_and_refuses_what_does_not_fit():
     assert slot.take(1000).data_ptr() == a.data_ptr()
     cpu = {"x": torch.randn(3)}
     assert slot.to_host(cpu)["x"] is cpu["x"]  # nothing to copy on the CPU
+    assert pipeline.Slot(1000, pinned=False, out_bytes=10**9).nbytes == 1000  # no output buffer on the CPU
 
 
 def test_a_lazy_endless_stream_stops_at_the_first_error():
