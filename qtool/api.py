@@ -1,8 +1,9 @@
 """qtool's checkpoint-level Python API: what the CLI commands call.
 
-``quantize_checkpoint`` streams a checkpoint one tensor at a time: memory-mapped safetensors in, the Triton kernels
-(GPU) or the PyTorch reference (CPU), bitsandbytes-format shards out. The output is built in a temporary folder
-beside the target and renamed into place only when complete and verified.
+``quantize_checkpoint`` streams a checkpoint layer by layer through ``qtool.pipeline`` (reads, device work and
+writes overlap, a few layers in flight): safetensors in, the Triton kernels (GPU) or the PyTorch reference (CPU),
+bitsandbytes-format shards out. The output is built in a temporary folder beside the target and renamed into place
+only when complete and verified.
 """
 
 from __future__ import annotations
