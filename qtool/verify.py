@@ -135,12 +135,10 @@ class _Stats:
         bad = ~torch.isfinite(w) if bits == 4 else ~(w.abs() <= FLOAT16_MAX)
         self.first("bad", bad, base)
 
-    def errors(self, w: torch.Tensor, restored: torch.Tensor) -> None:
-        """SQNR sums and the largest error of float32 ``w`` against ``restored`` (same shape)."""
-        diff = w - restored
+    def errors(self, w: torch.Tensor, err: torch.Tensor) -> None:
+        """SQNR sums and the largest error: float32 ``w`` and ``err`` = |w - restored| (zero padding adds nothing)."""
         self.add("signal", w.square().sum(dtype=torch.float64))
-        self.add("noise", diff.square().sum(dtype=torch.float64))
-        err = diff.abs_()
+        self.add("noise", err.square().sum(dtype=torch.float64))
         self.max("max_err", torch.where(torch.isnan(err), 0.0, err).amax())
 
     def vector(self) -> torch.Tensor:
@@ -191,10 +189,11 @@ def _stats_4bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk:
             shape=(e - s,),
         )  # fmt: skip
         restored = part.restored(torch.float32)
-        err = (blocks - _blocks(restored, bs)).abs()
+        err = torch.sub(blocks, _blocks(restored, bs)).abs_()  # in place: few chunk-sized temporaries at once
+        del restored
         bound = (_half_gap_of(layer.quant_type) * absmax + absmax_err + SLACK * absmax)[:, None]
         stats.first("weight", (err > bound) & ~torch.isnan(err), s, err, bound)
-        stats.errors(w, restored)
+        stats.errors(w, err)
 
 
 def _stats_8bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk: int) -> None:
@@ -205,19 +204,21 @@ def _stats_8bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk:
         r1 = min(rows, r0 + step)
         w = weight[r0:r1].float()
         stats.finite(w, 8, r0 * k)
-        # bnb quantizes the float16 cast: SCB is its row absmax, exactly.
-        row_absmax = abs_ignoring_nan(weight[r0:r1].to(torch.float16).float()).amax(dim=1)
+        # bnb quantizes the float16 cast: SCB is its row absmax, exactly (taken in float16: the same values).
+        row_absmax = abs_ignoring_nan(weight[r0:r1].to(torch.float16)).amax(dim=1).float()
         scb = scb_all[r0:r1].float()
         scb_err = (row_absmax - scb).abs()
         zero = torch.zeros_like(scb)
         stats.first("scale", ((scb_err > zero) & ~torch.isnan(scb_err))[:, None], r0, scb_err[:, None], zero[:, None])
         part = dataclasses.replace(layer, tensors={"weight": codes[r0:r1], "SCB": scb_all[r0:r1]}, shape=(r1 - r0, k))
         restored = part.restored(torch.float32)
-        err = (w - restored).abs()
-        # Half a float16 ulp of |w| (2**-11 relative; 2**-25 absolute below float16's normal range) for the cast.
-        allowed = scb[:, None] * (1 / 254 + SLACK) + w.abs() * 2**-11 + 2**-25
+        err = torch.sub(w, restored).abs_()
+        del restored
+        # SCB / 254 for the rounding, half a float16 ulp of |w| (2**-11 relative; 2**-25 absolute below float16's
+        # normal range) for the cast: (scb c + |w| 2**-11) + 2**-25, summed in place (a + b is b + a, exactly).
+        allowed = w.abs().mul_(2**-11).add_(scb[:, None] * (1 / 254 + SLACK)).add_(2**-25)
         stats.first("weight", (err > allowed) & ~torch.isnan(err), r0 * k, err, allowed)
-        stats.errors(w, restored)
+        stats.errors(w, err)
 
 
 def layer_stats(weight: torch.Tensor, layer: PendingLayer, chunk: int | None = None) -> torch.Tensor:
