@@ -430,12 +430,18 @@ class ShardedWriter:
             # from then on everything is spooled, and close() re-lays the shards out from parts and spools.
             self._deviated = self._deviated or (p.exact and (tag, shape) != (p.tag, p.shape))
             p.tag, p.shape, p.arrived = tag, shape, True
-            if nbytes != p.nbytes:  # a guess corrected (or a deviation): what follows it moves
-                p.nbytes = nbytes
-                for i in range(p.index + 1, len(shard.entries)):
-                    shard.offsets[i] = shard.offsets[i - 1] + shard.entries[i - 1].nbytes
+            settled = not p.exact or nbytes != p.nbytes  # a guess now known, or a deviation
+            p.nbytes = nbytes
             if not p.exact:
                 shard.pending.pop(bisect.bisect_left(shard.pending, p.index))
+            if settled:
+                # What follows it moves, up to the next guess still pending: nothing past that one is written in
+                # place before it arrives, and its arrival moves the rest, whether its own size was guessed right
+                # or not (an earlier guess may have moved it). Linear in the shard's entries over all arrivals.
+                after = bisect.bisect_left(shard.pending, p.index)
+                end = shard.pending[after] + 1 if after < len(shard.pending) else len(shard.entries)
+                for i in range(p.index + 1, end):
+                    shard.offsets[i] = shard.offsets[i - 1] + shard.entries[i - 1].nbytes
             data = cpu.reshape(-1).view(torch.uint8).numpy()
             if self._deviated or (shard.pending and shard.pending[0] < p.index):
                 # Its place depends on a guess not settled yet (or the plan was wrong): spool it.
