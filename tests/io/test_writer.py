@@ -442,3 +442,36 @@ def test_a_planned_writer_aborted_midway_leaves_nothing(tmp_path):
     assert any(p.endswith(".spool") for p in os.listdir(tmp_path))
     w.abort()
     assert os.listdir(tmp_path) == ["README.md"]
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_plans_orders_and_guesses_write_what_an_unplanned_writer_writes(tmp_path, seed):
+    """Random groups of mixed dtypes and sizes, random guesses (right or wrong) of some sizes, groups sometimes left
+    out or changed, arriving in a random order, random shard limits: always the unplanned writer's bytes."""
+    rng = random.Random(seed)
+    dtypes = [torch.uint8, torch.bfloat16, torch.float32, torch.int8, torch.float16]
+    groups = []
+    for g in range(rng.randint(1, 12)):
+        groups.append({
+            f"m{rng.randint(0, 99):02d}.{g}.{name}": torch.randint(0, 100, (rng.randint(0, 40),)).to(rng.choice(dtypes))
+            for name in rng.sample(["weight", "weight.absmax", "weight.quant_state", "bias", "SCB"], rng.randint(1, 4))
+        })  # fmt: skip
+    guessed = {k: (max(0, t.shape[0] + rng.choice([-3, 0, 0, 2])),) for g in groups for k, t in g.items()
+               if t.dtype == torch.uint8 and rng.random() < 0.5}  # fmt: skip
+    plan = planned(groups, guessed)
+    actual = [dict(g) for g in groups]
+    if rng.random() < 0.3:
+        del actual[rng.randrange(len(actual))]
+    if actual and rng.random() < 0.2:
+        g = rng.choice(actual)
+        key = rng.choice(list(g))
+        g[key] = torch.zeros(3, dtype=torch.float64)
+    actual = [g for g in actual if g]
+    if not actual:
+        return
+    limit = rng.choice([10**9, 200, 120, 64])
+    expected = write(tmp_path / "ref", actual, limit)
+    files = write_planned(tmp_path / "out", actual, plan, rng.sample(range(len(actual)), len(actual)), limit)
+    assert [f.name for f in files] == [f.name for f in expected]
+    assert [f.read_bytes() for f in files] == [f.read_bytes() for f in expected]
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(f.name for f in files)
