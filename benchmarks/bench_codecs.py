@@ -48,7 +48,7 @@ def _grid(**axes) -> list[dict]:
 
 
 SWEEP = {
-    "quantize_4bit": _grid(tile=(1024, 2048, 4096), num_warps=(2, 4, 8), nf4_search=(0, 1, 2)),
+    "quantize_4bit": _grid(tile=(1024, 2048, 4096), num_warps=(2, 4, 8), search=("tree", "buckets")),
     "dequantize_4bit": _grid(tile=(2048, 4096, 8192), num_warps=(2, 4, 8)),
     "quantize_8bit": _grid(tile=(4096, 8192, 16384), num_warps=(4, 8, 16)),
     "dequantize_8bit": _grid(tile=(4096, 8192, 16384), num_warps=(2, 4, 8)),
@@ -220,8 +220,6 @@ def main() -> None:
                 if op == "quantize_4bit" and double_quant:
                     continue  # the same 4-bit kernel; double quant adds launches that no tile changes
                 for config in SWEEP[op]:
-                    if config.get("nf4_search") and quant_type != "nf4":
-                        continue
                     label = " ".join(f"{key}={value}" for key, value in config.items())
                     bench(op, "qtool", shape, f"{notes} {label}".strip(),
                           ops.qtool(op, quant_type, double_quant, **config), nbytes)  # fmt: skip

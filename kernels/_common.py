@@ -71,16 +71,21 @@ def output_view(out: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def bf16_rne_bits(x):
+    """The bf16 bit pattern of finite float32 x rounded to nearest even, as uint32 in [0, 65535], by integer
+    arithmetic: the interpreter's fp32 -> bf16 cast truncates (32,543 of 65,536 values wrong, cpu-testing.md §2.2)."""
+    b = x.to(tl.uint32, bitcast=True)
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+@triton.jit
 def store_rounded(ptr, x, mask, BF16_BITS: tl.constexpr):
     """Store float32 x into ptr's dtype with round-to-nearest-even.
 
-    With BF16_BITS, ptr is an int16 view of a bf16 tensor and the rounding is done on the bits: the interpreter's
-    fp32 -> bf16 cast truncates (32,543 of 65,536 values wrong, cpu-testing.md §2.2). Values here are finite.
+    With BF16_BITS, ptr is an int16 view of a bf16 tensor and the rounding is done on the bits (bf16_rne_bits).
     """
     if BF16_BITS:
-        b = x.to(tl.uint32, bitcast=True)
-        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-        tl.store(ptr, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
+        tl.store(ptr, bf16_rne_bits(x).to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
     else:
         tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 

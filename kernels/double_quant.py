@@ -73,6 +73,15 @@ def _quantize_absmax_kernel(
 
 
 @triton.jit
+def rebuild_absmax(codes_ptr, nested_absmax_ptr, code_ptr, offset_ptr, offs, mask, NBLOCK: tl.constexpr):
+    """The float32 absmax at offs from its codes: ``code[c] * nested_absmax[block]``, THEN ``+ offset``: two
+    roundings, as the reference (callers launch without fp fusion). Shared with the 4-bit dequantize kernel."""
+    c = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+    scale = tl.load(nested_absmax_ptr + offs // NBLOCK, mask=mask, other=0.0)
+    return tl.load(code_ptr + c) * scale + tl.load(offset_ptr)
+
+
+@triton.jit
 def _dequantize_absmax_kernel(
     codes_ptr,  # *u8 [nblocks]
     nested_absmax_ptr,  # *fp32 [nnested]
@@ -83,12 +92,11 @@ def _dequantize_absmax_kernel(
     NBLOCK: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # One program: BLOCK_SIZE absmax values. Multiply, then add: two roundings (launched without fp fusion).
+    # One program: BLOCK_SIZE absmax values.
     offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offs < nblocks
-    c = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-    scale = tl.load(nested_absmax_ptr + offs // NBLOCK, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, tl.load(code_ptr + c) * scale + tl.load(offset_ptr), mask=mask)
+    absmax = rebuild_absmax(codes_ptr, nested_absmax_ptr, code_ptr, offset_ptr, offs, mask, NBLOCK)
+    tl.store(out_ptr + offs, absmax, mask=mask)
 
 
 def quantize_absmax(

@@ -28,6 +28,7 @@ from qtool.reference.quant4 import check_4bit_args, check_4bit_layout, check_nes
 from ._common import (
     INTERPRETING,
     bf16_bits,
+    bf16_rne_bits,
     check_device,
     device_guard,
     device_scalar,
@@ -36,14 +37,16 @@ from ._common import (
     store_rounded,
     warps_option,
 )
+from .double_quant import rebuild_absmax
 
 # Elements per program and warps per program when the caller gives none. In the interpreter 16K elements keeps a
 # 1M-element tensor at 64 programs (~0.5 s, cpu-testing.md §2.3); on the GPU the values were chosen by
 # benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
 QUANTIZE_TILE = 16384 if INTERPRETING else 2048
 QUANTIZE_WARPS = 2
-# 4-bit code search: 0 comparison trees, 1 NF4 thresholds gathered by index, 2 bucket tables (NF4 and FP4).
-NF4_SEARCH = 2
+# How a scaled value finds its 4-bit code: "buckets" (two table reads, codebooks.nf4_buckets / fp4_buckets) or
+# "tree" (bnb CUDA's comparison trees, literally). Both give the same codes; buckets were faster on the H100.
+SEARCH = "buckets"
 DEQUANTIZE_TILE = 16384 if INTERPRETING else 4096
 DEQUANTIZE_WARPS = 8
 
@@ -78,16 +81,6 @@ def _nf4_code(s, mid_ptr):
     b0 = s > t0
     # NaN (an all-zero block: 0 * inf) fails every comparison and lands on code 0, as on CUDA.
     return b3.to(tl.int32) * 8 + b2.to(tl.int32) * 4 + b1.to(tl.int32) * 2 + b0.to(tl.int32)
-
-
-@triton.jit
-def _nf4_code_gather(s, mid_ptr):
-    # The same search as _nf4_code, each level's threshold gathered from the 15-entry table (one L1 line) by the
-    # index built so far instead of selected among constants: fewer instructions per element.
-    i = (s > tl.load(mid_ptr + 7)).to(tl.int32) * 8
-    i += (s > tl.load(mid_ptr + i + 3)).to(tl.int32) * 4
-    i += (s > tl.load(mid_ptr + i + 1)).to(tl.int32) * 2
-    return i + (s > tl.load(mid_ptr + i)).to(tl.int32)
 
 
 @triton.jit
@@ -162,7 +155,7 @@ def _quantize_4bit_kernel(
     w_ptr,  # *fp32|fp16|bf16 [n], the flattened weight, or *i32 [n / 2] with PAIRS
     packed_ptr,  # *u8 [(n + 1) // 2], two codes per byte, element 2j in the high nibble
     absmax_ptr,  # *fp32 [nblocks]
-    thr_ptr,  # *fp32, NF4 midpoints [15] or FP4 magnitude thresholds [7]
+    thr_ptr,  # *fp32: a bucket table [2 * BUCKETS], or NF4 midpoints [15] / FP4 magnitude thresholds [7]
     # sizes
     n,
     nblocks,
@@ -174,9 +167,7 @@ def _quantize_4bit_kernel(
     IS_BF16: tl.constexpr,
     # code generation constexprs
     MAX_SKIPS_NAN: tl.constexpr,  # tl.max ignores NaN (GPU); the interpreter's does not
-    NF4_SEARCH: tl.constexpr,  # 0: select tree, 1: thresholds gathered by index, 2: buckets (thr_ptr = nf4_buckets)
-    NBUCKETS: tl.constexpr,
-    FP4_BUCKETS: tl.constexpr,  # > 0: FP4 by buckets (thr_ptr = fp4_buckets); 0: the comparison tree
+    BUCKETS: tl.constexpr,  # slices of the bucket table at thr_ptr; 0: comparison tree over thr_ptr's thresholds
     EVEN: tl.constexpr,  # every program's tile lies inside the tensor: no masks (vector stores)
     # tile constexprs
     BLOCKS: tl.constexpr,  # quantization blocks per program
@@ -197,18 +188,15 @@ def _quantize_4bit_kernel(
         absmax = tl.max(pair_max, axis=1)  # [BLOCKS]
     # IEEE-rounded reciprocal, as the reference (torch.reciprocal) computes it; 1 / 0 = inf.
     recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)[:, None]
-    if IS_NF4 and NF4_SEARCH == 2:
-        hi = _nf4_code_buckets(even * recip, thr_ptr, NBUCKETS)
-        lo = _nf4_code_buckets(odd * recip, thr_ptr, NBUCKETS)
-    elif IS_NF4 and NF4_SEARCH == 1:
-        hi = _nf4_code_gather(even * recip, thr_ptr)
-        lo = _nf4_code_gather(odd * recip, thr_ptr)
+    if IS_NF4 and BUCKETS > 0:
+        hi = _nf4_code_buckets(even * recip, thr_ptr, BUCKETS)
+        lo = _nf4_code_buckets(odd * recip, thr_ptr, BUCKETS)
     elif IS_NF4:
         hi = _nf4_code(even * recip, thr_ptr)
         lo = _nf4_code(odd * recip, thr_ptr)
-    elif FP4_BUCKETS > 0:
-        hi = _fp4_code_buckets(even * recip, thr_ptr, FP4_BUCKETS)
-        lo = _fp4_code_buckets(odd * recip, thr_ptr, FP4_BUCKETS)
+    elif BUCKETS > 0:
+        hi = _fp4_code_buckets(even * recip, thr_ptr, BUCKETS)
+        lo = _fp4_code_buckets(odd * recip, thr_ptr, BUCKETS)
     else:
         hi = _fp4_code(even * recip, thr_ptr)
         lo = _fp4_code(odd * recip, thr_ptr)
@@ -222,11 +210,10 @@ def _quantize_4bit_kernel(
 
 @triton.jit
 def _bf16_bits(x, BY_HAND: tl.constexpr):
-    """The bf16 bit pattern of float32 x, rounded to nearest even, as int32 in [0, 65535]. BY_HAND in the
-    interpreter, whose fp32 -> bf16 cast truncates (cpu-testing.md §2.2); x is finite there."""
+    """The bf16 bit pattern of float32 x, rounded to nearest even, as int32 in [0, 65535]; BY_HAND (interpreter)
+    as store_rounded does it."""
     if BY_HAND:
-        b = x.to(tl.uint32, bitcast=True)
-        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int32)
+        return bf16_rne_bits(x).to(tl.int32)
     return x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
 
@@ -261,10 +248,7 @@ def _dequantize_4bit_kernel(
     offs_p = offs_b[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]  # [BLOCKS, QBLOCK / 2]
     p = tl.load(packed_ptr + offs_p, mask=offs_p < (n + 1) // 2, other=0).to(tl.int32)
     if NESTED:
-        # Multiply, then add: two roundings (launched without fp fusion), as the reference.
-        c = tl.load(absmax_ptr + offs_b, mask=mask_b, other=0).to(tl.int32)
-        scale = tl.load(nested_absmax_ptr + offs_b // NBLOCK, mask=mask_b, other=0.0)
-        absmax = tl.load(nested_map_ptr + c) * scale + tl.load(offset_ptr)
+        absmax = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, offs_b, mask_b, NBLOCK)
     else:
         absmax = tl.load(absmax_ptr + offs_b, mask=mask_b, other=0.0)
     hi = tl.load(qmap_ptr + (p >> 4)) * absmax[:, None]  # element 2j
@@ -302,7 +286,7 @@ def quantize_4bit(
     blocksize: int = 64,
     tile: int | None = None,
     num_warps: int | None = None,
-    nf4_search: int | None = None,
+    search: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of ``qtool.reference.quant4.quantize_4bit_ref``; ``tile`` is elements per program and
     ``num_warps`` warps per program (GPU only; both default to the configuration tuned on an H100).
@@ -316,11 +300,15 @@ def quantize_4bit(
     nblocks = math.ceil(n / blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
     absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
-    search = NF4_SEARCH if nf4_search is None else nf4_search
-    if quant_type == "fp4":
-        thresholds = fp4_buckets(w.device) if search else fp4_thresholds(w.device)
+    search = search or SEARCH
+    if search not in ("buckets", "tree"):
+        raise ValueError(f"search must be 'buckets' or 'tree', got {search!r}")
+    if search == "buckets":
+        thresholds = nf4_buckets(w.device) if quant_type == "nf4" else fp4_buckets(w.device)
+        buckets = NF4_BUCKETS if quant_type == "nf4" else FP4_BUCKETS
     else:
-        thresholds = nf4_buckets(w.device) if search == 2 else nf4_midpoints(w.device)
+        thresholds = nf4_midpoints(w.device) if quant_type == "nf4" else fp4_thresholds(w.device)
+        buckets = 0
     pairs = _pairs_view(w)
     blocks = _blocks_per_program(blocksize, nblocks, tile, QUANTIZE_TILE)
     grid = (triton.cdiv(nblocks, blocks),)
@@ -337,9 +325,7 @@ def quantize_4bit(
             PAIRS=pairs is not None,
             IS_BF16=w.dtype == torch.bfloat16,
             MAX_SKIPS_NAN=not INTERPRETING,
-            NF4_SEARCH=search,
-            NBUCKETS=NF4_BUCKETS,
-            FP4_BUCKETS=FP4_BUCKETS if search else 0,
+            BUCKETS=buckets,
             EVEN=n % (blocks * blocksize) == 0,
             BLOCKS=blocks,
             **warps_option(num_warps, QUANTIZE_WARPS),

@@ -79,12 +79,11 @@ def test_dequantize_4bit_nested(shape, blocksize, tile, out_dtype, device):
 @pytest.mark.parametrize("shape,blocksize,tile", CASES_4BIT[:4], ids=str)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_code_searches_agree(shape, blocksize, tile, quant_type, device):
-    """Every code search (comparison tree, NF4 thresholds gathered by index, bucket tables) gives the reference's
-    bytes."""
+    """Both code searches (bnb's comparison trees, bucket tables) give the reference's bytes."""
     w = weights(shape, torch.bfloat16, device)
     want = quant4.quantize_4bit_ref(w, quant_type=quant_type, blocksize=blocksize)
-    for search in (0, 1, 2):
-        got = quant_4bit.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, tile=tile, nf4_search=search)
+    for search in ("tree", "buckets"):
+        got = quant_4bit.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, tile=tile, search=search)
         assert_equal(got[0], want[0], f"packed (search {search})")
 
 
@@ -141,6 +140,8 @@ def test_dequantize_8bit_rowwise(shape, tile, out_dtype, device):
 def test_kernel_argument_errors(device):
     with pytest.raises(ValueError, match="blocksize"):
         quant_4bit.quantize_4bit(torch.randn(8, 8, device=device), blocksize=16)
+    with pytest.raises(ValueError, match="search must be"):
+        quant_4bit.quantize_4bit(torch.randn(8, 8, device=device), search="gather")
     packed, absmax = quant4.quantize_4bit_ref(torch.randn(8, 8))
     with pytest.raises(ValueError, match="needs 32 and 1"):
         quant_4bit.dequantize_4bit(packed[:-1].to(device), absmax.to(device), quant_map("nf4", device), blocksize=64,
