@@ -9,7 +9,7 @@ GPU, no file format. Effective bandwidth = (bytes read + bytes written) / median
 MLP, bf16. A device-to-device copy of the same input is timed in the same run as the ceiling. Before timing, each
 qtool output is compared with the PyTorch reference on the same GPU (bit for bit); a mismatch stops the run.
 
-``--sweep`` times every tile / warp configuration in ``SWEEP`` instead and writes benchmarks/results/sweep.csv:
+``--sweep`` times every tile / warp configuration in ``SWEEP`` instead and writes benchmarks/results/tuning/sweep.csv:
 that is where the kernels' GPU defaults come from.
 """
 
@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     cases = [case for case in CASES if case[0] in args.ops.split(",")]
-    out = args.out or _results.RESULTS / ("sweep.csv" if args.sweep else "codecs.csv")
+    out = args.out or (_results.RESULTS / "tuning" / "sweep.csv") if args.sweep else _results.RESULTS / "codecs.csv"
     if args.dry_run:
         for name, (n, k) in shapes.items():
             for op, qt, dq in cases:

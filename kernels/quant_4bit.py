@@ -41,7 +41,7 @@ from .double_quant import rebuild_absmax
 
 # Elements per program and warps per program when the caller gives none. In the interpreter 16K elements keeps a
 # 1M-element tensor at 64 programs (~0.5 s, cpu-testing.md §2.3); on the GPU the values were chosen by
-# benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
+# benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/tuning/sweep.csv).
 QUANTIZE_TILE = 16384 if INTERPRETING else 2048
 QUANTIZE_WARPS = 2
 # How a scaled value finds its 4-bit code: "buckets" (two table reads, codebooks.nf4_buckets / fp4_buckets) or

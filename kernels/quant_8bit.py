@@ -30,7 +30,7 @@ _INV_127 = tl.constexpr(INV_127)
 
 # Elements per program, columns per tile and warps per program when the caller gives none. The interpreter keeps
 # large tiles (~4 ms per program, cpu-testing.md §2.3) and at most 4096 columns; on the GPU the values were chosen
-# by benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/sweep.csv).
+# by benchmarks/bench_codecs.py --sweep on an H100 (benchmarks/results/tuning/sweep.csv).
 QUANTIZE_TILE = 16384 if INTERPRETING else 4096
 QUANTIZE_WARPS = 8
 ONE_PASS_K = 4096 if INTERPRETING else 16384
