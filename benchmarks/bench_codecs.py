@@ -171,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
     cases = [case for case in CASES if case[0] in args.ops.split(",")]
-    out = args.out or (_results.RESULTS / "tuning" / "sweep.csv") if args.sweep else _results.RESULTS / "codecs.csv"
+    out = args.out or (_results.RESULTS / "tuning" / "sweep.csv" if args.sweep else _results.RESULTS / "codecs.csv")
     if args.dry_run:
         for name, (n, k) in shapes.items():
             for op, qt, dq in cases:
