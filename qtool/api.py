@@ -445,9 +445,10 @@ def _quantize_component(
     writer_plan = _writer_plan(plan, spec, groups)
     order = sorted(groups)
     if spec.bits == 8:
-        options = {"bits": 8}
+        options = {"bits": 8, "scale_search": spec.scale_search}
     else:
-        options = {"quant_type": spec.quant_type, "double_quant": spec.double_quant, "blocksize": spec.blocksize}
+        options = {"quant_type": spec.quant_type, "double_quant": spec.double_quant, "blocksize": spec.blocksize,
+                   "scale_search": spec.scale_search}  # fmt: skip
     progress.start(f"{plan.name or plan.class_name}", plan.bytes_before)
 
     def compute(tensors: dict, slot) -> _Done:

@@ -38,7 +38,10 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
 def _ops(backend: str) -> dict:
     if backend == "triton":
         q4, dq, q8 = _kernel("quant_4bit"), _kernel("double_quant"), _kernel("quant_8bit")
+        search = _kernel("scale_search")
         return {
+            "search_absmax": search.search_absmax,
+            "search_scb": search.search_scb,
             "quantize_4bit": q4.quantize_4bit,
             "dequantize_4bit": q4.dequantize_4bit,
             "quantize_absmax": dq.quantize_absmax,
@@ -46,9 +49,11 @@ def _ops(backend: str) -> dict:
             "quantize_8bit_rowwise": q8.quantize_8bit_rowwise,
             "dequantize_8bit_rowwise": q8.dequantize_8bit_rowwise,
         }
-    from qtool.reference import double_quant, quant4, quant8
+    from qtool.reference import double_quant, quant4, quant8, scale_search
 
     return {
+        "search_absmax": scale_search.search_absmax_ref,
+        "search_scb": scale_search.search_scb_ref,
         "quantize_4bit": quant4.quantize_4bit_ref,
         "dequantize_4bit": quant4.dequantize_4bit_ref,
         "quantize_absmax": double_quant.quantize_absmax_ref,
@@ -79,6 +84,7 @@ class PendingLayer:
     dtype: torch.dtype = torch.bfloat16
     shape: tuple[int, ...] = ()
     backend: str = "torch"
+    scale_search: bool = False  # the stored scales were searched: each at most its block's (row's) absmax
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PendingLayer:
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()}
@@ -124,6 +130,7 @@ def quantize_pending(
     double_quant: bool = False,
     blocksize: int = 64,
     backend: Backend = "auto",
+    scale_search: bool = False,
 ) -> PendingLayer:
     """``quantize_tensor`` without waiting for the device: the same arguments; see ``PendingLayer``."""
     resolved = resolve_backend(backend, weight.device)
@@ -131,26 +138,49 @@ def quantize_pending(
     if bits == 8:
         if quant_type != "nf4" or double_quant or blocksize != 64:
             raise ValueError("quant_type, double_quant and blocksize apply to 4-bit only; 8-bit is row-wise")
-        weight_int8, scb = ops["quantize_8bit_rowwise"](weight)
-        return PendingLayer(8, {"weight": weight_int8, "SCB": scb}, shape=tuple(weight.shape), backend=resolved)
+        scb = ops["search_scb"](weight) if scale_search else None
+        weight_int8, scb = ops["quantize_8bit_rowwise"](weight, SCB=scb)
+        return PendingLayer(
+            8, {"weight": weight_int8, "SCB": scb}, shape=tuple(weight.shape), backend=resolved,
+            scale_search=scale_search,
+        )  # fmt: skip
     if bits != 4:
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    packed, absmax = ops["quantize_4bit"](weight, quant_type=quant_type, blocksize=blocksize)
+    nested: dict[str, torch.Tensor] = {}
+    if scale_search:
+        # Codes are chosen for the absmax the loader will use: the searched one, or with double quant the searched
+        # one as rebuilt from its 8-bit code (scale_search's module docstring).
+        absmax = ops["search_absmax"](weight, quant_type=quant_type, blocksize=blocksize)
+        if double_quant:
+            nested = _double_quant(ops, absmax, weight.device)
+            absmax = ops["dequantize_absmax"](
+                nested["weight.absmax"], nested["weight.nested_absmax"], nested["weight.nested_quant_map"],
+                nested[NESTED_OFFSET],
+            )  # fmt: skip
+        packed, absmax = ops["quantize_4bit"](weight, quant_type=quant_type, blocksize=blocksize, absmax=absmax)
+    else:
+        packed, absmax = ops["quantize_4bit"](weight, quant_type=quant_type, blocksize=blocksize)
+        nested = _double_quant(ops, absmax, weight.device) if double_quant else {}
     tensors = {
         "weight": packed,
         "weight.absmax": absmax,
         "weight.quant_map": codebooks.quant_map(quant_type, weight.device),
     }
-    if double_quant:
-        codes, nested_absmax, offset = ops["quantize_absmax"](absmax)
-        tensors["weight.absmax"] = codes
-        tensors["weight.nested_absmax"] = nested_absmax
-        tensors["weight.nested_quant_map"] = codebooks.dynamic_map(weight.device)
-        tensors[NESTED_OFFSET] = offset
+    tensors.update(nested)  # the double-quant codes replace the float32 absmax
     return PendingLayer(
         4, tensors, quant_type=quant_type, blocksize=blocksize, dtype=weight.dtype, shape=tuple(weight.shape),
-        backend=resolved,
+        backend=resolved, scale_search=scale_search,
     )  # fmt: skip
+
+
+def _double_quant(ops: dict, absmax: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    codes, nested_absmax, offset = ops["quantize_absmax"](absmax)
+    return {
+        "weight.absmax": codes,
+        "weight.nested_absmax": nested_absmax,
+        "weight.nested_quant_map": codebooks.dynamic_map(device),
+        NESTED_OFFSET: offset,
+    }
 
 
 def quantize_tensor(
@@ -161,6 +191,7 @@ def quantize_tensor(
     double_quant: bool = False,
     blocksize: int = 64,
     backend: Backend = "auto",
+    scale_search: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Quantize one Linear weight into the state-dict entries bitsandbytes saves for it.
 
@@ -171,6 +202,8 @@ def quantize_tensor(
         double_quant: also quantize the absmax to 8 bits (4-bit only; ~0.4 bits per parameter less).
         blocksize: elements per absmax, a power of two from 32 to 4096 (4-bit only; bnb's loaders use 64).
         backend: "triton", "torch" (the reference) or "auto" (Triton for CUDA tensors).
+        scale_search: store per block (4-bit) or row (8-bit) the scale, at most its absmax, that minimizes its
+            squared error (``qtool.reference.scale_search``); same format, lower error.
 
     Returns:
         Entries keyed relative to the module, on the weight's device. 4-bit: ``weight`` (uint8 [(n+1)//2, 1]),
@@ -179,8 +212,9 @@ def quantize_tensor(
         8-bit: ``weight`` (int8 [N, K]), ``SCB`` (float32 [N]) and ``weight_format`` (uint8 0).
     """
     return quantize_pending(
-        weight, bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, backend=backend
-    ).entries()
+        weight, bits=bits, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize, backend=backend,
+        scale_search=scale_search,
+    ).entries()  # fmt: skip
 
 
 def stored_absmax(state: bnb4.QuantState4bit, *, backend: Backend = "auto") -> torch.Tensor:

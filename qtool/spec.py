@@ -28,6 +28,9 @@ class QuantSpec:
         compute_dtype: "bf16", "fp16" or "fp32": bnb_4bit_compute_dtype, the dtype Linear4bit computes in.
         skip: module names kept in 16-bit (llm_int8_skip_modules), matched as the loading library matches them.
         threshold: llm_int8_threshold, the outlier threshold LLM.int8 applies to activations at run time.
+        scale_search: store, per 4-bit block or 8-bit row, the scale (at most its absmax) that minimizes its squared
+            error instead of the absmax itself. The format is unchanged: bnb dequantizes it as its own output. Not
+            part of quantization_config (loaders need not know).
     """
 
     bits: int = 4
@@ -37,6 +40,7 @@ class QuantSpec:
     compute_dtype: str = "bf16"
     skip: tuple[str, ...] = field(default_factory=tuple)
     threshold: float = DEFAULT_THRESHOLD
+    scale_search: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):

@@ -20,6 +20,10 @@ The 4-bit bound. Codes are chosen from ``s = w / a`` (``a`` the block's absmax, 
 ``|w - c a'| <= |w - c a| + |c| |a - a'| <= h a + |a - a'|``. 8-bit: bnb quantizes the float16 cast ``w16`` of the
 weight, ``SCB`` is each row's absmax of ``w16`` exactly, and ``|w16 - q SCB / 127| <= SCB / 254``; the cast adds at
 most half a float16 ulp of |w|. Each bound gets a float32 slack of a few ulps of the values involved.
+
+With scale search (``qtool.reference.scale_search``) the stored scale ``a'`` may lie below the absmax by up to
+``search_range`` of it, and values beyond it take the extreme code: ``|w - a'| <= a - a'`` for those, which the
+``|a - a'|`` term already covers (4-bit); for 8-bit the row's ``SCB`` shortfall is added to the bound the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 from qtool.errors import QtoolError
 from qtool.formats import bnb4, bnb8
-from qtool.reference.codebooks import NESTED_BLOCKSIZE, dynamic_map, quant_map
+from qtool.reference.codebooks import NESTED_BLOCKSIZE, dynamic_map, quant_map, scale_grid
 from qtool.reference.quant4 import abs_ignoring_nan
 
 if TYPE_CHECKING:
@@ -84,6 +88,12 @@ STATS = (
     "weight_over", "weight_at", "weight_err", "weight_bound",
     "signal", "noise", "max_err",
 )  # fmt: skip
+
+
+@functools.cache
+def search_range(bits: int) -> float:
+    """How far below its absmax a searched scale may lie, as a fraction of it: 1 - the grid's smallest factor."""
+    return 1.0 - float(scale_grid(bits)[-1])
 
 
 def _chunk(device: torch.device) -> int:
@@ -178,6 +188,8 @@ def _stats_4bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk:
             allowed = _half_gap_of("dynamic") * nest + SLACK * (nest + offset + absmax)
         else:
             allowed = torch.zeros_like(absmax)  # bnb stores the float32 absmax itself
+        if layer.scale_search:
+            allowed = allowed + search_range(4) * absmax  # a searched scale lies in [c_min a, a]
         over = (absmax_err > allowed) & ~torch.isnan(absmax_err)
         stats.first("scale", over[:, None], b0, absmax_err[:, None], allowed[:, None])
         # The layer's own dequantization of these blocks, from the absmax rebuilt above: s is even (whole blocks),
@@ -208,15 +220,17 @@ def _stats_8bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk:
         row_absmax = abs_ignoring_nan(weight[r0:r1].to(torch.float16)).amax(dim=1).float()
         scb = scb_all[r0:r1].float()
         scb_err = (row_absmax - scb).abs()
-        zero = torch.zeros_like(scb)
-        stats.first("scale", ((scb_err > zero) & ~torch.isnan(scb_err))[:, None], r0, scb_err[:, None], zero[:, None])
+        scb_allowed = search_range(8) * row_absmax if layer.scale_search else torch.zeros_like(scb)
+        over = (scb_err > scb_allowed) & ~torch.isnan(scb_err)
+        stats.first("scale", over[:, None], r0, scb_err[:, None], scb_allowed[:, None])
         part = dataclasses.replace(layer, tensors={"weight": codes[r0:r1], "SCB": scb_all[r0:r1]}, shape=(r1 - r0, k))
         restored = part.restored(torch.float32)
         err = torch.sub(w, restored).abs_()
         del restored
         # SCB / 254 for the rounding, half a float16 ulp of |w| (2**-11 relative; 2**-25 absolute below float16's
         # normal range) for the cast: (scb c + |w| 2**-11) + 2**-25, summed in place (a + b is b + a, exactly).
-        allowed = w.abs().mul_(2**-11).add_(scb[:, None] * (1 / 254 + SLACK)).add_(2**-25)
+        # A searched SCB below the row absmax clips: |w| - SCB <= scb_err more.
+        allowed = w.abs().mul_(2**-11).add_((scb * (1 / 254 + SLACK) + scb_err)[:, None]).add_(2**-25)
         stats.first("weight", (err > allowed) & ~torch.isnan(err), r0 * k, err, allowed)
         stats.errors(w, err)
 
@@ -334,8 +348,9 @@ def _blocks(x: torch.Tensor, blocksize: int) -> torch.Tensor:
     return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, blocksize)
 
 
-def pending_from_entries(entries: dict[str, torch.Tensor]) -> PendingLayer:
-    """A layer's bnb entries (as written or read back) as a ``PendingLayer`` on their device.
+def pending_from_entries(entries: dict[str, torch.Tensor], scale_search: bool = False) -> PendingLayer:
+    """A layer's bnb entries (as written or read back) as a ``PendingLayer`` on their device; ``scale_search``: its
+    scales were searched (``quantize_pending``), which the checks' bounds allow for.
 
     Raises:
         ValueError: the entries are not a bitsandbytes 4-bit or 8-bit layer.
@@ -354,18 +369,23 @@ def pending_from_entries(entries: dict[str, torch.Tensor]) -> PendingLayer:
             tensors[NESTED_OFFSET] = torch.tensor(state.nested_offset, dtype=torch.float32, device=packed.device)
         return PendingLayer(
             4, tensors, quant_type=state.quant_type, blocksize=state.blocksize, dtype=state.dtype,
-            shape=tuple(state.shape), backend=backend,
+            shape=tuple(state.shape), backend=backend, scale_search=scale_search,
         )  # fmt: skip
     if bnb8.is_8bit(entries):
         weight, scb = bnb8.decode(entries)
         backend = resolve_backend("auto", weight.device)
-        return PendingLayer(8, {"weight": weight, "SCB": scb}, shape=tuple(weight.shape), backend=backend)
+        return PendingLayer(
+            8, {"weight": weight, "SCB": scb}, shape=tuple(weight.shape), backend=backend, scale_search=scale_search
+        )
     raise ValueError(f"not a bitsandbytes 4-bit or 8-bit layer: entries {sorted(entries)}")
 
 
-def check_layer(weight: torch.Tensor, entries: dict[str, torch.Tensor], key: str) -> float | None:
+def check_layer(
+    weight: torch.Tensor, entries: dict[str, torch.Tensor], key: str, scale_search: bool = False
+) -> float | None:
     """Dequantize ``entries`` (one layer's bnb entries, relative to the module, on the weight's device) and check
-    each element, and each stored scale, against ``weight`` within the format's error bound (module docstring).
+    each element, and each stored scale, against ``weight`` within the format's error bound (module docstring;
+    ``scale_search``: the scales were searched, so each may lie below its absmax by ``search_range``).
 
     ``layer_stats`` then ``judge_layer`` (without the non-finite check), with one host sync.
 
@@ -375,7 +395,7 @@ def check_layer(weight: torch.Tensor, entries: dict[str, torch.Tensor], key: str
     Raises:
         QtoolError: a value is further off than the format allows (a qtool bug; the run writes nothing).
     """
-    layer = pending_from_entries(entries)
+    layer = pending_from_entries(entries, scale_search)
     stats = layer_stats(weight, layer).cpu()
     return judge_layer(stats, key, bits=layer.bits, shape=tuple(weight.shape), check_finite=False)
 
@@ -443,7 +463,8 @@ def verify_component(plan: ComponentPlan, spec: QuantSpec, out: Path, source: Te
     with TensorReader(written) as reader:
         for key in sample(list(plan.layers)):
             entries = {name: reader.read(k).to(device) for name, k in layers[key].entries.items()}
-            check_layer(source.read(key).to(device), entries, f"{tensor_name(plan.name, key)} (as written)")
+            name = f"{tensor_name(plan.name, key)} (as written)"
+            check_layer(source.read(key).to(device), entries, name, spec.scale_search)
 
 
 def nonfinite_count(dense: torch.Tensor) -> torch.Tensor:

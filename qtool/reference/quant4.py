@@ -44,8 +44,10 @@ def abs_ignoring_nan(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), 0.0, x.abs())
 
 
-def scale_blocks_ref(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the flattened weight into blocks and scale each by the reciprocal of its absmax.
+def scale_blocks_ref(
+    weight: torch.Tensor, blocksize: int, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the flattened weight into blocks and scale each by the reciprocal of its absmax (or of the given one).
 
     Returns ``(s, absmax)``: s is float32 [nblocks, blocksize] with the tail padded with zeros (the pad is what bnb
     CUDA codes for the odd element of an odd numel), absmax is float32 [nblocks].
@@ -55,11 +57,18 @@ def scale_blocks_ref(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     x = torch.zeros(nblocks * blocksize, dtype=torch.float32, device=weight.device)
     x[:n] = weight.reshape(-1).to(torch.float32)
     x = x.view(nblocks, blocksize)
-    absmax = abs_ignoring_nan(x).amax(dim=1)
+    if absmax is None:
+        absmax = abs_ignoring_nan(x).amax(dim=1)
     # bnb CUDA: s = x * rcp.approx(absmax), no clamp. An all-zero block gives 0 * inf = NaN, which codes to 0 (NF4
     # and FP4 alike): byte 0x00, where bnb CPU writes 0x77 for NF4. Both dequantize to 0.
     recip = torch.reciprocal(absmax)
     return x * recip[:, None], absmax
+
+
+def check_given_scales(scales: torch.Tensor, count: int, name: str) -> None:
+    """Raise ValueError unless given scales are a float32 vector of one value per block (row)."""
+    if scales.dtype != torch.float32 or scales.dim() != 1 or scales.numel() != count:
+        raise ValueError(f"{name} must be float32 [{count}], got {scales.dtype} {tuple(scales.shape)}")
 
 
 def codes_4bit_ref(s: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -85,7 +94,7 @@ def pack_4bit_ref(codes: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def quantize_4bit_ref(
-    weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = 64
+    weight: torch.Tensor, *, quant_type: str = "nf4", blocksize: int = 64, absmax: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a weight of any shape to packed 4-bit codes and per-block absmax.
 
@@ -94,17 +103,21 @@ def quantize_4bit_ref(
             elements [b * blocksize, (b + 1) * blocksize), the last block may be ragged.
         quant_type: "nf4" or "fp4".
         blocksize: a power of two from 32 to 4096 (bnb and its loaders use 64).
+        absmax: float32 [ceil(n / blocksize)], the scales to code against instead of each block's max |x| (e.g.
+            ``scale_search.search_absmax_ref``'s); values beyond a given scale take the extreme codes.
 
     Returns:
         ``(packed, absmax)``: packed uint8 [(n + 1) // 2, 1]; absmax float32 [ceil(n / blocksize)], exact max |x|
-        of each block.
+        of each block (or the given absmax itself).
 
     The reciprocal 1 / absmax is IEEE-rounded here and in the Triton kernel, so the two agree bit for bit. bnb CUDA
     uses rcp.approx: its codes can differ from ours where s lies within an ulp or two of a decision threshold
     (measured on an H100: NF4 0 of 20.5M, FP4 ~1e-4 of codes; tests/kernels/test_quant_4bit_gpu.py).
     """
     check_4bit_args(weight, quant_type, blocksize)
-    s, absmax = scale_blocks_ref(weight, blocksize)
+    if absmax is not None:
+        check_given_scales(absmax, math.ceil(weight.numel() / blocksize), "absmax")
+    s, absmax = scale_blocks_ref(weight, blocksize, absmax)
     return pack_4bit_ref(codes_4bit_ref(s, quant_type), weight.numel()), absmax
 
 

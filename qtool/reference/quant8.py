@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qtool.reference.quant4 import FLOAT_DTYPES, abs_ignoring_nan
+from qtool.reference.quant4 import FLOAT_DTYPES, abs_ignoring_nan, check_given_scales
 
 # bnb's int8 dequantize multiplies by this float32 constant (1/127 rounded), not divides by 127: the two differ
 # in float32 for 4.4% of elements (bnb-format.md §6).
@@ -22,15 +22,27 @@ def check_8bit_args(weight: torch.Tensor) -> None:
         raise ValueError(f"8-bit row-wise quantization takes a non-empty 2-D weight, got shape {tuple(weight.shape)}")
 
 
-def quantize_8bit_rowwise_ref(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def round_int8_ref(v: torch.Tensor) -> torch.Tensor:
+    """Scaled values to int8 codes: round half to even, clamp to [-127, 127] (reached only with a given SCB below
+    the row's absmax), NaN to 0 (0 * inf in a zero row, inf * 0 in an inf row: CUDA's float-to-int gives 0)."""
+    return torch.nan_to_num(torch.round(v).clamp(-127, 127), nan=0.0).to(torch.int8)
+
+
+def quantize_8bit_rowwise_ref(
+    weight: torch.Tensor,
+    *,
+    SCB: torch.Tensor | None = None,  # noqa: N803
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a [N, K] weight to int8 rows and per-row absmax.
 
     Args:
         weight: float32 / float16 / bfloat16 [N, K]. Cast to float16 first, as bnb's Int8Params does for every
             input dtype (so |w| > 65504 becomes inf and its row quantizes to 0).
+        SCB: float32 [N], the row scales to code against instead of each row's absmax (e.g.
+            ``scale_search.search_scb_ref``'s); values beyond a given scale take the codes +-127.
 
     Returns:
-        ``(weight_int8, SCB)``: int8 [N, K] and float32 [N].
+        ``(weight_int8, SCB)``: int8 [N, K] and float32 [N] (the given SCB itself when given).
 
     Rule (bnb CUDA kInt8VectorQuant): ``q = round_half_even(w16 * (127 * (1 / SCB)))``. CUDA computes the scale
     with ``__fdividef``, i.e. 127 times an approximate reciprocal; here the reciprocal is IEEE-rounded. bnb CPU
@@ -39,12 +51,13 @@ def quantize_8bit_rowwise_ref(weight: torch.Tensor) -> tuple[torch.Tensor, torch
     """
     check_8bit_args(weight)
     w16 = weight.to(torch.float16).to(torch.float32)
-    scb = abs_ignoring_nan(w16).amax(dim=1)
+    if SCB is None:
+        scb = abs_ignoring_nan(w16).amax(dim=1)
+    else:
+        check_given_scales(SCB, weight.shape[0], "SCB")
+        scb = SCB
     scale = 127.0 * torch.reciprocal(scb)
-    q = torch.round(w16 * scale[:, None])
-    # 0 * inf (zero row) and inf * 0 (inf row) are NaN; CUDA's float-to-int conversion gives 0 for NaN.
-    q = torch.nan_to_num(q, nan=0.0)
-    return q.to(torch.int8), scb
+    return round_int8_ref(w16 * scale[:, None]), scb
 
 
 def dequantize_8bit_rowwise_ref(weight_int8: torch.Tensor, SCB: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:  # noqa: N803
