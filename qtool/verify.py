@@ -6,8 +6,9 @@
   bound the format itself guarantees (derived below, nothing measured). It runs on every layer in memory (the
   codecs) and on a sample read back from the written files (the writer: keys, shards, offsets).
 - ``layer_stats`` and ``judge_layer``: both checks split in two for a pipeline. ``layer_stats`` measures on the
-  device, chunk by chunk, without waiting (counts, first offenders, SQNR sums: one small vector per layer);
-  ``judge_layer`` raises from that vector, on the host, the same errors ``check_finite`` and ``check_layer`` raise.
+  device, chunk by chunk, without waiting (counts, first offenders, SQNR sums, extreme codes: one small vector per
+  layer); ``judge_layer`` raises from that vector, on the host, the same errors ``check_finite`` and ``check_layer``
+  raise, and ``layer_quality`` turns it into the layer's quality figures (``qtool.quality``).
 - ``verify_component``: the written headers re-read (key set, dtypes and shapes exactly the plan's), and a sample of
   layers read back from the written files and checked against the source with ``check_layer``.
 - ``verify_dequantized``: the same for ``qtool dequantize``, where a sampled layer read back must equal the
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qtool import quality
 from qtool.errors import QtoolError
 from qtool.formats import bnb4, bnb8
 from qtool.reference.codebooks import NESTED_BLOCKSIZE, dynamic_map, quant_map, scale_grid
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from qtool.formats.layers import QuantizedLayer
     from qtool.io.reader import ComponentWeights, TensorReader
     from qtool.plan import ComponentPlan
+    from qtool.quality import LayerQuality
     from qtool.quantize import PendingLayer
     from qtool.spec import QuantSpec
 
@@ -81,12 +84,14 @@ CHECK_CHUNK = {"cuda": 2**22, "cpu": 2**20}
 # What ``layer_stats`` measures, in this order, as a float64 vector (exact for counts and indices below 2**53):
 # non-finite values (NaN, Inf, and "bad": what check_finite refuses, the count and the first's flat index); the stored
 # scales (absmax or SCB) and the weights beyond their bound (count, first flat index, its error and bound); and the
-# sums of squares for SQNR and the largest error. An index of -1: none.
+# sums of squares for SQNR and the largest error; the layer's elements and how many of them took an extreme code
+# (``extreme_codes``: the quality report's figures, ``qtool.quality``). An index of -1: none.
 STATS = (
     "nan", "inf", "bad_over", "bad_at",
     "scale_over", "scale_at", "scale_err", "scale_bound",
     "weight_over", "weight_at", "weight_err", "weight_bound",
     "signal", "noise", "max_err",
+    "count", "extreme",
 )  # fmt: skip
 
 
@@ -151,8 +156,33 @@ class _Stats:
         self.add("noise", err.square().sum(dtype=torch.float64))
         self.max("max_err", torch.where(torch.isnan(err), 0.0, err).amax())
 
+    def codes(self, n: int, extreme: torch.Tensor) -> None:
+        """``n`` more elements, ``extreme`` (0-d, on the device) of them on an extreme code. Adding a Python number
+        to a device tensor passes it as a kernel argument: no copy, no sync."""
+        self.v["count"] = self.v["count"] + n
+        self.add("extreme", extreme)
+
     def vector(self) -> torch.Tensor:
         return torch.stack([self.v[name] for name in STATS])
+
+
+def extreme_codes(table: torch.Tensor) -> torch.Tensor:
+    """bool [len(table)]: the codes whose value has the table's largest magnitude (a block's absmax, or a row's SCB,
+    restores to them): NF4 0 and 15 (-1, +1), FP4 3 and 11 (+-12/12). Derived from the table itself, on its device."""
+    magnitude = table.float().abs()
+    return magnitude == magnitude.amax()
+
+
+def _extreme_4bit(packed: torch.Tensor, n: int, per_byte: torch.Tensor, per_code: torch.Tensor) -> torch.Tensor:
+    """How many of the ``n`` codes packed in uint8 ``packed`` [(n + 1) // 2] are extreme (0-d int64, on the device).
+
+    ``per_byte`` [256]: extreme codes in each byte value (high nibble: element 2j, low: 2j + 1; 0, 1 or 2);
+    ``per_code`` [16] bool: ``extreme_codes``. An odd ``n`` leaves a pad code in the last low nibble: not counted.
+    """
+    count = per_byte[packed.int()].sum()  # int32 indices: half the memory of int64 (a chunk's bytes x 4)
+    if n % 2:
+        count = count - per_code[(packed[-1:] & 15).int()].sum()
+    return count
 
 
 def _stats_4bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk: int) -> None:
@@ -174,6 +204,9 @@ def _stats_4bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk:
         offset = t[NESTED_OFFSET].float().abs()
     flat, packed = weight.reshape(-1), t["weight"].reshape(-1)
     n = flat.numel()
+    per_code = extreme_codes(t["weight.quant_map"])
+    # uint8 [256]: byte value = high * 16 + low; uint8, so that a chunk's gather is one byte per packed byte.
+    per_byte = (per_code[:, None].to(torch.uint8) + per_code[None, :].to(torch.uint8)).reshape(256)
     step = max(bs, chunk // bs * bs)  # whole blocks, so a chunk's blocks are the layer's blocks
     for s in range(0, n, step):
         e = min(n, s + step)
@@ -206,6 +239,7 @@ def _stats_4bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk:
         bound = (_half_gap_of(layer.quant_type) * absmax + absmax_err + SLACK * absmax)[:, None]
         stats.first("weight", (err > bound) & ~torch.isnan(err), s, err, bound)
         stats.errors(w, err)
+        stats.codes(e - s, _extreme_4bit(packed[s // 2 : (e + 1) // 2], e - s, per_byte, per_code))
 
 
 def _stats_8bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk: int) -> None:
@@ -233,6 +267,9 @@ def _stats_8bit(weight: torch.Tensor, layer: PendingLayer, stats: _Stats, chunk:
         allowed = w.abs().mul_(2**-11).add_((scb * (1 / 254 + SLACK) + scb_err)[:, None]).add_(2**-25)
         stats.first("weight", (err > allowed) & ~torch.isnan(err), r0 * k, err, allowed)
         stats.errors(w, err)
+        rows_codes = codes[r0:r1]
+        # bnb's codes lie in [-127, 127]; +-127 is the row's SCB itself. (== rather than abs(): abs(-128) overflows.)
+        stats.codes(rows_codes.numel(), ((rows_codes == 127) | (rows_codes == -127)).sum())
 
 
 def layer_stats(weight: torch.Tensor, layer: PendingLayer, chunk: int | None = None) -> torch.Tensor:
@@ -240,8 +277,9 @@ def layer_stats(weight: torch.Tensor, layer: PendingLayer, chunk: int | None = N
 
     Everything the checks need (``judge_layer``): the non-finite values of ``weight`` (``check_finite``); each
     stored scale and each element of the layer's own dequantization against the format's error bound (module
-    docstring); SQNR sums and the largest error. Works ``chunk`` elements (4-bit: whole blocks; 8-bit: whole rows)
-    at a time, so the temporaries stay a few times ``chunk`` float32 values.
+    docstring); SQNR sums and the largest error; and for the quality figures (``layer_quality``) the elements and
+    how many took an extreme code (``extreme_codes``). Works ``chunk`` elements (4-bit: whole blocks; 8-bit: whole
+    rows) at a time, so the temporaries stay a few times ``chunk`` float32 values.
 
     Args:
         weight: the source weight, float32 / float16 / bfloat16, [N, K] (4-bit: any shape).
@@ -320,12 +358,24 @@ def judge_layer(
         _judge_finite(v, key, bits, shape)
     _judge_bound(v, "scale", key, "absmax" if bits == 4 else "SCB")
     _judge_bound(v, "weight", key, "weight")
-    signal, noise = v["signal"], v["noise"]
-    if signal == 0:
-        return None
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal == signal and noise == noise else math.nan
+    return quality.sqnr_db(v["signal"], v["noise"])
+
+
+def layer_quality(stats: torch.Tensor, key: str, *, shape: tuple[int, ...], method: str) -> LayerQuality:
+    """A layer's quality figures (``qtool.quality.LayerQuality``) from its ``layer_stats`` vector (on the host).
+
+    Args:
+        stats: ``layer_stats``' vector, copied to the host.
+        key: the weight's state-dict key within its component.
+        shape: the weight's shape.
+        method: the method's label (``QuantSpec.label``).
+    """
+    v = dict(zip(STATS, stats.tolist(), strict=True))
+    return quality.LayerQuality(
+        key=key, shape=tuple(shape), method=method, elements=int(v["count"]), extreme=int(v["extreme"]),
+        signal=v["signal"], noise=v["noise"], max_abs_err=v["max_err"],
+        nonfinite=bool(v["nan"] or v["inf"] or v["bad_over"]),
+    )  # fmt: skip
 
 
 def check_finite(weight: torch.Tensor, key: str, bits: int) -> None:

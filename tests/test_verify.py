@@ -14,15 +14,18 @@ from helpers import sqnr_db
 from qtool.errors import QtoolError
 from qtool.formats import bnb4
 from qtool.quantize import quantize_pending, stored_absmax
-from qtool.reference.quant4 import abs_ignoring_nan
+from qtool.reference.codebooks import quant_map
+from qtool.reference.quant4 import abs_ignoring_nan, unpack_4bit_ref
 from qtool.verify import (
     SLACK,
     STATS,
     _half_gap_of,
     check_finite,
     check_layer,
+    extreme_codes,
     judge_dequantized,
     judge_layer,
+    layer_quality,
     layer_stats,
     nonfinite_count,
 )
@@ -185,6 +188,79 @@ def test_check_layer_reads_entries_as_written():
             assert (got if got.startswith("verification") else "ok None") == outcome(
                 lambda b=bad: plain_check(weight, b, "k")
             )
+
+
+# The codes of +-1 (NF4: -1 and 1; FP4: bit patterns 0b0011 = 12/12 and 0b1011 = -12/12), written out by hand.
+EXTREME = {"nf4": {0, 15}, "fp4": {3, 11}}
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_extreme_codes_are_those_of_the_tables_largest_magnitude(quant_type):
+    assert set(extreme_codes(quant_map(quant_type)).nonzero().flatten().tolist()) == EXTREME[quant_type]
+
+
+def expected_codes(layer, numel: int) -> tuple[int, int]:
+    """(elements, extreme codes) of a layer, counted independently of layer_stats: the 4-bit codes unpacked by the
+    reference (the pad code of an odd numel dropped), the int8 codes compared with +-127 in int16."""
+    if layer.bits == 8:
+        return numel, int((layer.tensors["weight"].to(torch.int16).abs() == 127).sum())
+    codes = unpack_4bit_ref(layer.tensors["weight"], numel)
+    return numel, sum(int(c) in EXTREME[layer.quant_type] for c in codes)
+
+
+@pytest.mark.parametrize("shape", [(96, 320), (1, 64), (7, 33), (5, 39)], ids=str)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_elements_and_extreme_codes_are_counted_from_the_stored_codes(method, shape):
+    """``count`` is the layer's numel and ``extreme`` how many of its codes are extreme (4-bit: the codes of +-1;
+    int8: +-127), for chunks of one block (or row) up to the whole layer; odd numels (231, 195) included. Uniform
+    weights put ~14% of NF4 codes (the values above its last midpoint, 0.86) on the extremes: far from 0."""
+    torch.manual_seed(sum(shape))
+    weight = (torch.rand(shape) * 2 - 1).to(torch.bfloat16)
+    layer = quantize_pending(weight, **METHODS[method])
+    expected = expected_codes(layer, weight.numel())
+    assert expected[1] > 0
+    for chunk in (1, 4096, 10**9):
+        v = dict(zip(STATS, layer_stats(weight, layer, chunk).tolist(), strict=True))
+        assert (v["count"], v["extreme"]) == expected, f"chunk {chunk}"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_pad_code_of_an_odd_numel_is_not_counted(quant_type):
+    """The low nibble of an odd-sized layer's last byte holds no element: set to an extreme code, it changes
+    neither the checks nor the counts."""
+    weight = torch.randn(3, 21)  # 63 elements: 32 bytes, the last low nibble padding
+    layer = quantize_pending(weight, quant_type=quant_type)
+    packed = layer.tensors["weight"].clone()
+    padded = {}
+    for code in sorted(EXTREME[quant_type]):
+        packed[-1, 0] = (packed[-1, 0] & 0xF0) | code
+        tampered = dataclasses.replace(layer, tensors=layer.tensors | {"weight": packed})
+        padded[code] = dict(zip(STATS, layer_stats(weight, tampered, 64).tolist(), strict=True))
+    plain = dict(zip(STATS, layer_stats(weight, layer, 64).tolist(), strict=True))
+    assert all(v == plain for v in padded.values())
+    assert (plain["count"], plain["extreme"]) == expected_codes(layer, 63)
+
+
+def test_layer_quality_reads_the_figures_from_the_stats():
+    """layer_quality: the SQNR judge_layer returns, rel. Frobenius = sqrt(noise / signal) and the largest error of
+    the layer's dequantization, measured independently in float64; its extreme share; the non-finite flag."""
+    weight = torch.randn(48, 192, dtype=torch.bfloat16)
+    for kwargs in METHODS.values():
+        layer = quantize_pending(weight, **kwargs)
+        stats = layer_stats(weight, layer)
+        q = layer_quality(stats, "k.weight", shape=(48, 192), method="m")
+        w, r = weight.double(), layer.restored(torch.float32).double()
+        assert (q.key, q.shape, q.method, q.status, q.nonfinite) == ("k.weight", (48, 192), "m", "ok", False)
+        assert q.sqnr_db == judge_layer(stats, "k", bits=layer.bits, shape=(48, 192))
+        assert math.isclose(q.sqnr_db, sqnr_db(w, r), rel_tol=1e-6)
+        assert math.isclose(q.rel_fro, float((w - r).norm() / w.norm()), rel_tol=1e-6)
+        assert q.max_abs_err == float((w - r).abs().max())  # float32 differences of float32 values: exact
+        assert q.extreme_share == expected_codes(layer, w.numel())[1] / w.numel()
+    weight = weight.float()
+    weight[2, 3] = float("nan")
+    layer = quantize_pending(weight)
+    q = layer_quality(layer_stats(weight, layer), "k", shape=(48, 192), method="nf4")
+    assert (q.nonfinite, q.status) == (True, "nonfinite")
 
 
 def test_dequantized_nonfinite_values_are_counted_and_named():
