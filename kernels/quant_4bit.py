@@ -23,7 +23,7 @@ from qtool.reference.codebooks import (
     nf4_buckets,
     nf4_midpoints,
 )
-from qtool.reference.quant4 import check_4bit_args, check_4bit_layout, check_nested
+from qtool.reference.quant4 import check_4bit_args, check_4bit_layout, check_given_scales, check_nested
 
 from ._common import (
     INTERPRETING,
@@ -125,7 +125,7 @@ def _fp4_code(s, thr_ptr):
 
 
 @triton.jit
-def _load_pairs(w_ptr, offs_p, n, PAIRS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr):
+def load_pairs(w_ptr, offs_p, n, PAIRS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr):
     """Elements 2j and 2j+1 of the flattened weight for every pair index j in offs_p, as float32; past n: 0.0.
 
     With PAIRS, w_ptr is an int32 view of a 16-bit weight of even numel: one 32-bit load per pair, element 2j in the
@@ -154,7 +154,7 @@ def _quantize_4bit_kernel(
     # pointers
     w_ptr,  # *fp32|fp16|bf16 [n], the flattened weight, or *i32 [n / 2] with PAIRS
     packed_ptr,  # *u8 [(n + 1) // 2], two codes per byte, element 2j in the high nibble
-    absmax_ptr,  # *fp32 [nblocks]
+    absmax_ptr,  # *fp32 [nblocks]: written, or read with GIVEN
     thr_ptr,  # *fp32: a bucket table [2 * BUCKETS], or NF4 midpoints [15] / FP4 magnitude thresholds [7]
     # sizes
     n,
@@ -162,6 +162,7 @@ def _quantize_4bit_kernel(
     # format constexprs
     QBLOCK: tl.constexpr,  # quantization blocksize
     IS_NF4: tl.constexpr,
+    GIVEN: tl.constexpr,  # code against the absmax at absmax_ptr (e.g. searched) instead of each block's max |x|
     # layout constexprs
     PAIRS: tl.constexpr,  # w_ptr is an int32 view (16-bit weight, even numel)
     IS_BF16: tl.constexpr,
@@ -178,34 +179,44 @@ def _quantize_4bit_kernel(
     offs_b = pid * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS]
     offs_p = offs_b[:, None] * (QBLOCK // 2) + tl.arange(0, QBLOCK // 2)[None, :]  # [BLOCKS, QBLOCK / 2]
     # Elements past n read as 0.0: the odd element's pad nibble is the code of 0, as bnb CUDA writes it.
-    even, odd = _load_pairs(w_ptr, offs_p, n, PAIRS, IS_BF16, EVEN)
-    # NaN ignored (abs_ignoring_nan). On the GPU max.f32 already returns the other operand of a NaN, and the final
-    # maximum with 0 covers an all-NaN block; the interpreter's numpy max propagates NaN, so it masks them first.
-    if MAX_SKIPS_NAN:
-        absmax = tl.maximum(tl.max(tl.maximum(tl.abs(even), tl.abs(odd)), axis=1), 0.0)
+    even, odd = load_pairs(w_ptr, offs_p, n, PAIRS, IS_BF16, EVEN)
+    if GIVEN:
+        absmax = tl.load(absmax_ptr + offs_b, mask=offs_b < nblocks, other=1.0)
     else:
-        pair_max = tl.maximum(tl.where(even != even, 0.0, tl.abs(even)), tl.where(odd != odd, 0.0, tl.abs(odd)))
-        absmax = tl.max(pair_max, axis=1)  # [BLOCKS]
+        absmax = block_absmax(even, odd, MAX_SKIPS_NAN)
     # IEEE-rounded reciprocal, as the reference (torch.reciprocal) computes it; 1 / 0 = inf.
     recip = tl.math.div_rn(tl.full([BLOCKS], 1.0, tl.float32), absmax)[:, None]
-    if IS_NF4 and BUCKETS > 0:
-        hi = _nf4_code_buckets(even * recip, thr_ptr, BUCKETS)
-        lo = _nf4_code_buckets(odd * recip, thr_ptr, BUCKETS)
-    elif IS_NF4:
-        hi = _nf4_code(even * recip, thr_ptr)
-        lo = _nf4_code(odd * recip, thr_ptr)
-    elif BUCKETS > 0:
-        hi = _fp4_code_buckets(even * recip, thr_ptr, BUCKETS)
-        lo = _fp4_code_buckets(odd * recip, thr_ptr, BUCKETS)
-    else:
-        hi = _fp4_code(even * recip, thr_ptr)
-        lo = _fp4_code(odd * recip, thr_ptr)
+    hi = codes_4bit(even * recip, thr_ptr, IS_NF4, BUCKETS)
+    lo = codes_4bit(odd * recip, thr_ptr, IS_NF4, BUCKETS)
     if EVEN:
         tl.store(packed_ptr + offs_p, ((hi << 4) | lo).to(tl.uint8))
-        tl.store(absmax_ptr + offs_b, absmax)
     else:
         tl.store(packed_ptr + offs_p, ((hi << 4) | lo).to(tl.uint8), mask=offs_p < (n + 1) // 2)
+    if not GIVEN:
         tl.store(absmax_ptr + offs_b, absmax, mask=offs_b < nblocks)
+
+
+@triton.jit
+def block_absmax(even, odd, MAX_SKIPS_NAN: tl.constexpr):
+    """Each row's max |x| over a [BLOCKS, QBLOCK / 2] tile of element pairs, NaN ignored (abs_ignoring_nan)."""
+    # On the GPU max.f32 already returns the other operand of a NaN, and the final maximum with 0 covers an all-NaN
+    # block; the interpreter's numpy max propagates NaN, so it masks them first.
+    if MAX_SKIPS_NAN:
+        return tl.maximum(tl.max(tl.maximum(tl.abs(even), tl.abs(odd)), axis=1), 0.0)
+    pair_max = tl.maximum(tl.where(even != even, 0.0, tl.abs(even)), tl.where(odd != odd, 0.0, tl.abs(odd)))
+    return tl.max(pair_max, axis=1)
+
+
+@triton.jit
+def codes_4bit(s, thr_ptr, IS_NF4: tl.constexpr, BUCKETS: tl.constexpr):
+    """The 4-bit codes of scaled values s (int32), by bucket tables (BUCKETS > 0) or comparison trees."""
+    if IS_NF4 and BUCKETS > 0:
+        return _nf4_code_buckets(s, thr_ptr, BUCKETS)
+    if IS_NF4:
+        return _nf4_code(s, thr_ptr)
+    if BUCKETS > 0:
+        return _fp4_code_buckets(s, thr_ptr, BUCKETS)
+    return _fp4_code(s, thr_ptr)
 
 
 @triton.jit
@@ -266,14 +277,26 @@ def _dequantize_4bit_kernel(
         store_rounded(out_ptr + offs, x, offs < n, BF16_BITS)
 
 
-def _pairs_view(t: torch.Tensor) -> torch.Tensor | None:
+def pairs_view(t: torch.Tensor) -> torch.Tensor | None:
     """t (flat, contiguous, 16-bit) as int32 pairs, or None where that view is impossible (odd numel, misaligned)."""
     if t.dtype not in (torch.bfloat16, torch.float16) or t.numel() % 2 or t.data_ptr() % 4:
         return None
     return t.view(torch.int32)
 
 
-def _blocks_per_program(blocksize: int, nblocks: int, tile: int | None, default: int) -> int:
+def code_tables(quant_type: str, search: str | None, device: torch.device) -> tuple[torch.Tensor, int]:
+    """The threshold table a kernel's code search reads and its BUCKETS constexpr (0: comparison trees)."""
+    search = search or SEARCH
+    if search not in ("buckets", "tree"):
+        raise ValueError(f"search must be 'buckets' or 'tree', got {search!r}")
+    if search == "buckets":
+        if quant_type == "nf4":
+            return nf4_buckets(device), NF4_BUCKETS
+        return fp4_buckets(device), FP4_BUCKETS
+    return (nf4_midpoints(device) if quant_type == "nf4" else fp4_thresholds(device)), 0
+
+
+def blocks_per_program(blocksize: int, nblocks: int, tile: int | None, default: int) -> int:
     per = max(1, (tile or default) // blocksize)
     # A power of two no larger than needed: small tensors launch one small program.
     return min(triton.next_power_of_2(per), triton.next_power_of_2(nblocks))
@@ -287,9 +310,11 @@ def quantize_4bit(
     tile: int | None = None,
     num_warps: int | None = None,
     search: str | None = None,
+    absmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``qtool.reference.quant4.quantize_4bit_ref``; ``tile`` is elements per program and
-    ``num_warps`` warps per program (GPU only; both default to the configuration tuned on an H100).
+    """Triton twin of ``qtool.reference.quant4.quantize_4bit_ref`` (``absmax``: code against these scales); ``tile``
+    is elements per program and ``num_warps`` warps per program (GPU only; both default to the configuration tuned
+    on an H100).
 
     Returns ``(packed, absmax)``: uint8 [(n + 1) // 2, 1] and float32 [ceil(n / blocksize)]. Never waits for the GPU.
     """
@@ -299,18 +324,15 @@ def quantize_4bit(
     n = w.numel()
     nblocks = math.ceil(n / blocksize)
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
-    absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
-    search = search or SEARCH
-    if search not in ("buckets", "tree"):
-        raise ValueError(f"search must be 'buckets' or 'tree', got {search!r}")
-    if search == "buckets":
-        thresholds = nf4_buckets(w.device) if quant_type == "nf4" else fp4_buckets(w.device)
-        buckets = NF4_BUCKETS if quant_type == "nf4" else FP4_BUCKETS
+    given = absmax is not None
+    if given:
+        check_given_scales(absmax, nblocks, "absmax")
+        check_device(absmax)
     else:
-        thresholds = nf4_midpoints(w.device) if quant_type == "nf4" else fp4_thresholds(w.device)
-        buckets = 0
-    pairs = _pairs_view(w)
-    blocks = _blocks_per_program(blocksize, nblocks, tile, QUANTIZE_TILE)
+        absmax = torch.empty(nblocks, dtype=torch.float32, device=w.device)
+    thresholds, buckets = code_tables(quant_type, search, w.device)
+    pairs = pairs_view(w)
+    blocks = blocks_per_program(blocksize, nblocks, tile, QUANTIZE_TILE)
     grid = (triton.cdiv(nblocks, blocks),)
     with device_guard(w):
         _quantize_4bit_kernel[grid](
@@ -322,6 +344,7 @@ def quantize_4bit(
             nblocks,
             QBLOCK=blocksize,
             IS_NF4=quant_type == "nf4",
+            GIVEN=given,
             PAIRS=pairs is not None,
             IS_BF16=w.dtype == torch.bfloat16,
             MAX_SKIPS_NAN=not INTERPRETING,
@@ -372,8 +395,8 @@ def dequantize_4bit(
     else:
         nested_args = (absmax, absmax, absmax)  # unused placeholders
     out = torch.empty(shape, dtype=dtype, device=p.device)
-    pairs = _pairs_view(out.view(-1))
-    blocks = _blocks_per_program(blocksize, nblocks, tile, DEQUANTIZE_TILE)
+    pairs = pairs_view(out.view(-1))
+    blocks = blocks_per_program(blocksize, nblocks, tile, DEQUANTIZE_TILE)
     grid = (triton.cdiv(nblocks, blocks),)
     with device_guard(p):
         _dequantize_4bit_kernel[grid](

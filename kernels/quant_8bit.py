@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qtool.reference.quant4 import check_given_scales
 from qtool.reference.quant8 import INV_127, check_8bit_args
 
 from ._common import (
@@ -40,9 +41,10 @@ DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
-def _round_to_int8(v):
-    # Round half to even; NaN (zero row: 0 * inf; inf row: inf * 0) becomes 0, as CUDA's float-to-int conversion.
-    r = (v + _RNE_MAGIC) - _RNE_MAGIC
+def round_to_int8(v):
+    """quant8.round_int8_ref: round half to even, clamp to [-127, 127], NaN (zero row: 0 * inf; inf row: inf * 0)
+    to 0, as CUDA's float-to-int conversion. The clamp matters only for a given SCB below the row absmax."""
+    r = tl.minimum(tl.maximum((v + _RNE_MAGIC) - _RNE_MAGIC, -127.0), 127.0)
     return tl.where(v != v, 0.0, r).to(tl.int8)
 
 
@@ -50,9 +52,10 @@ def _round_to_int8(v):
 def _quantize_8bit_rowwise_kernel(
     w_ptr,  # *fp32|fp16|bf16 [N, K], row-major
     q_ptr,  # *i8 [N, K]
-    scb_ptr,  # *fp32 [N]
+    scb_ptr,  # *fp32 [N]: written, or read with GIVEN
     N,
     K,
+    GIVEN: tl.constexpr,  # code against the SCB at scb_ptr (e.g. searched) instead of each row's absmax
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ONE_PASS: tl.constexpr,
@@ -67,26 +70,40 @@ def _quantize_8bit_rowwise_kernel(
         # bnb's Int8Params quantizes the float16 cast of every weight dtype.
         x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
         x = x.to(tl.float32)
-        absmax = tl.max(tl.where(x != x, 0.0, tl.abs(x)), axis=1)  # NaN ignored (abs_ignoring_nan)
+        if GIVEN:
+            absmax = tl.load(scb_ptr + offs_n, mask=mask_n, other=1.0)
+        else:
+            absmax = tl.max(tl.where(x != x, 0.0, tl.abs(x)), axis=1)  # NaN ignored (abs_ignoring_nan)
         scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
-        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], _round_to_int8(x * scale[:, None]), mask=mask)
+        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], round_to_int8(x * scale[:, None]), mask=mask)
     else:
-        absmax = tl.zeros([ROWS], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = mask_n[:, None] & (offs_k < K)[None, :]
-            x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
-            ax = tl.abs(x.to(tl.float32))
-            absmax = tl.maximum(absmax, tl.max(tl.where(ax != ax, 0.0, ax), axis=1))
+        if GIVEN:
+            absmax = tl.load(scb_ptr + offs_n, mask=mask_n, other=1.0)
+        else:
+            absmax = row_absmax(w_ptr, offs_n, mask_n, K, BLOCK_K)
         # bnb CUDA: scale = 127 * reciprocal(SCB); here the reciprocal is IEEE-rounded, as in the reference.
         scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask = mask_n[:, None] & (offs_k < K)[None, :]
             x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
-            q = _round_to_int8(x.to(tl.float32) * scale[:, None])
+            q = round_to_int8(x.to(tl.float32) * scale[:, None])
             tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q, mask=mask)
-    tl.store(scb_ptr + offs_n, absmax, mask=mask_n)
+    if not GIVEN:
+        tl.store(scb_ptr + offs_n, absmax, mask=mask_n)
+
+
+@triton.jit
+def row_absmax(w_ptr, offs_n, mask_n, K, BLOCK_K: tl.constexpr):
+    """The absmax of rows offs_n of the float16 cast of [N, K] weight, NaN ignored, BLOCK_K columns at a time."""
+    absmax = tl.zeros(offs_n.shape, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        x = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float16)
+        ax = tl.abs(x.to(tl.float32))
+        absmax = tl.maximum(absmax, tl.max(tl.where(ax != ax, 0.0, ax), axis=1))
+    return absmax
 
 
 @triton.jit
@@ -110,16 +127,21 @@ def _dequantize_8bit_rowwise_kernel(
     store_rounded(out_ptr + offs, (q * scb[:, None]) * _INV_127, mask, BF16_BITS)
 
 
-def _tile_shape(N: int, K: int, tile: int, max_k: int) -> tuple[int, int]:  # noqa: N803
+def tile_shape(N: int, K: int, tile: int, max_k: int) -> tuple[int, int]:  # noqa: N803
     block_k = min(triton.next_power_of_2(K), max_k)
     rows = min(triton.next_power_of_2(max(1, tile // block_k)), triton.next_power_of_2(N))
     return rows, block_k
 
 
 def quantize_8bit_rowwise(
-    weight: torch.Tensor, *, tile: int | None = None, num_warps: int | None = None
+    weight: torch.Tensor,
+    *,
+    SCB: torch.Tensor | None = None,  # noqa: N803
+    tile: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``qtool.reference.quant8.quantize_8bit_rowwise_ref``: int8 [N, K] and float32 SCB [N].
+    """Triton twin of ``qtool.reference.quant8.quantize_8bit_rowwise_ref``: int8 [N, K] and float32 SCB [N]
+    (``SCB``: code against these row scales, returned as they are).
 
     ``tile`` is elements per program, ``num_warps`` warps per program (GPU); both default to values tuned on an
     H100. A row of up to ``ONE_PASS_K`` columns is read once; longer rows twice."""
@@ -128,8 +150,14 @@ def quantize_8bit_rowwise(
     w = weight.contiguous()
     N, K = w.shape  # noqa: N806
     q = torch.empty((N, K), dtype=torch.int8, device=w.device)
-    scb = torch.empty(N, dtype=torch.float32, device=w.device)
-    rows, block_k = _tile_shape(N, K, tile or QUANTIZE_TILE, ONE_PASS_K)
+    given = SCB is not None
+    if given:
+        check_given_scales(SCB, N, "SCB")
+        check_device(SCB)
+        scb = SCB
+    else:
+        scb = torch.empty(N, dtype=torch.float32, device=w.device)
+    rows, block_k = tile_shape(N, K, tile or QUANTIZE_TILE, ONE_PASS_K)
     with device_guard(w):
         _quantize_8bit_rowwise_kernel[(triton.cdiv(N, rows),)](
             w,
@@ -137,6 +165,7 @@ def quantize_8bit_rowwise(
             scb,
             N,
             K,
+            GIVEN=given,
             ROWS=rows,
             BLOCK_K=block_k,
             ONE_PASS=block_k >= K,
@@ -161,7 +190,7 @@ def dequantize_8bit_rowwise(
     q = weight_int8.contiguous()
     N, K = q.shape  # noqa: N806
     out = torch.empty((N, K), dtype=dtype, device=q.device)
-    rows, block_k = _tile_shape(N, K, tile or DEQUANTIZE_TILE, DEQUANTIZE_K)
+    rows, block_k = tile_shape(N, K, tile or DEQUANTIZE_TILE, DEQUANTIZE_K)
     with device_guard(q):
         _dequantize_8bit_rowwise_kernel[(triton.cdiv(N, rows), triton.cdiv(K, block_k))](
             q,

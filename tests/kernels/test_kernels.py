@@ -172,3 +172,73 @@ def test_nonfinite_weights_give_the_same_entries_on_every_backend(kwargs, device
     assert sorted(ours) == sorted(ref)
     for key in ref:
         assert_equal(ours[key], ref[key], key)
+
+
+# --- scale search: the search kernels and the quantizers with given scales, against the reference ---------------
+
+SEARCH_CASES_4BIT = [((3, 5), 64, None), ((7, 100), 32, 64), ((333, 77), 128, 8192), ((64, 192), 64, 2048)]
+
+
+@pytest.mark.parametrize("shape,blocksize,tile", SEARCH_CASES_4BIT, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_search_absmax(shape, blocksize, tile, dtype, quant_type, device):
+    """The chosen absmax bit for bit (an all-zero block, a NaN and ragged tiles included), and the codes for it."""
+    from qtool.kernels import scale_search
+    from qtool.reference import scale_search as scale_search_ref
+
+    w = weights(shape, dtype, device)
+    w.view(-1)[min(3, w.numel() - 1)] = float("nan")
+    chosen = scale_search.search_absmax(w, quant_type=quant_type, blocksize=blocksize, tile=tile)
+    expected = scale_search_ref.search_absmax_ref(w, quant_type=quant_type, blocksize=blocksize)
+    assert_equal(chosen, expected, "searched absmax")
+    packed, absmax = quant_4bit.quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, tile=tile, absmax=chosen)
+    packed_ref, _ = quant4.quantize_4bit_ref(w, quant_type=quant_type, blocksize=blocksize, absmax=expected)
+    assert_equal(packed, packed_ref, "packed for the searched absmax")
+    assert absmax is chosen  # given scales are returned, not copied or rewritten
+
+
+@pytest.mark.parametrize("shape,tile", [((1, 1), None), ((7, 100), 128), ((33, 5000), 8192)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_search_scb(shape, tile, dtype, device):
+    """The chosen SCB bit for bit (a zero row, an infinite row, a NaN), and the clamped codes for it."""
+    from qtool.kernels import scale_search
+    from qtool.reference import scale_search as scale_search_ref
+
+    w = torch.randn(shape) * 3
+    if shape[0] > 2:
+        w[0] = 0
+        w[1, 0] = float("inf")
+        w[2, 1] = float("nan")
+    w = w.to(dtype).to(device)
+    chosen = scale_search.search_scb(w, tile=tile)
+    expected = scale_search_ref.search_scb_ref(w)
+    assert_equal(chosen, expected, "searched SCB")
+    q, scb = quant_8bit.quantize_8bit_rowwise(w, SCB=chosen, tile=tile)
+    q_ref, _ = quant8.quantize_8bit_rowwise_ref(w, SCB=expected)
+    assert_equal(q, q_ref, "int8 codes for the searched SCB")
+    assert scb is chosen
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"quant_type": "nf4"}, {"quant_type": "fp4"}, {"quant_type": "nf4", "double_quant": True}, {"bits": 8}],
+    ids=["nf4", "fp4", "nf4-dq", "int8"],
+)
+def test_scale_search_entries_equal_on_every_backend(kwargs, device):
+    from qtool.quantize import quantize_tensor
+
+    w = (torch.randn(40, 192) * 0.05).to(torch.bfloat16).to(device)
+    ours = quantize_tensor(w, backend="triton", scale_search=True, **kwargs)
+    ref = quantize_tensor(w, backend="torch", scale_search=True, **kwargs)
+    assert list(ours) == list(ref)
+    for key in ref:
+        assert_equal(ours[key], ref[key], key)
+
+
+def test_given_scale_argument_errors(device):
+    w = torch.randn(8, 8, device=device)
+    with pytest.raises(ValueError, match=r"absmax must be float32 \[1\]"):
+        quant_4bit.quantize_4bit(w, absmax=torch.ones(2, device=device))
+    with pytest.raises(ValueError, match=r"SCB must be float32 \[8\]"):
+        quant_8bit.quantize_8bit_rowwise(w, SCB=torch.ones(8, dtype=torch.float64, device=device))

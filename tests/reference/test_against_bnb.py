@@ -111,3 +111,25 @@ def test_int8_matches_bnb(shape, dtype):
     for q in (ours["weight"], theirs["weight"]):
         expected = F.int8_vectorwise_dequant(q, ours["SCB"])
         assert_equal(qtool.dequantize_tensor({**ours, "weight": q}, dtype=torch.float32), expected, "int8 dequant")
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (333, 777), (128, 96)], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"quant_type": "nf4"}, {"quant_type": "fp4", "blocksize": 32}, {"quant_type": "nf4", "double_quant": True},
+     {"bits": 8}],
+    ids=["nf4", "fp4-32", "nf4-dq", "int8"],
+)  # fmt: skip
+def test_scale_searched_entries_dequantize_in_bnb_as_in_qtool(shape, kwargs):
+    """Scale-searched entries are read by bnb's own QuantState.from_dict and dequantized by bnb to exactly qtool's
+    values: the format is unchanged, only the stored scales differ."""
+    import bitsandbytes.functional as F
+
+    w = torch.randn(shape).to(torch.bfloat16)
+    ours = qtool.quantize_tensor(w, scale_search=True, **kwargs)
+    if kwargs.get("bits") == 8:
+        expected = F.int8_vectorwise_dequant(ours["weight"], ours["SCB"])
+        assert_equal(qtool.dequantize_tensor(ours, dtype=torch.float32), expected, "int8 dequant")
+    else:
+        expected = bnb_dequantize_4bit(ours["weight"], bnb_quant_state(ours))
+        assert_equal(qtool.dequantize_tensor(ours), expected, "4-bit dequant")
