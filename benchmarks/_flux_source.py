@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,14 +97,8 @@ def ensure_source(src: Path, size: str, components: list[str]) -> bool:
     tiny until a later run asks for them); True if anything was generated. Everything is made from a pristine tiny
     pipeline kept beside ``src``, so that a run killed half way is repaired, not trusted; the dev weights are made
     in child processes, so that this one never holds GPU memory."""
-    generated = False
     template = src.parent / "tiny-template"
-    if not is_complete(template, "tiny"):
-        shutil.rmtree(template, ignore_errors=True)
-        script = ROOT / "examples" / "make_tiny_flux.py"
-        subprocess.run([sys.executable, str(script), str(template), "--overwrite"], check=True)
-        (template / MARKER).write_text(json.dumps({"size": "tiny", "generator": GENERATOR_VERSION}) + "\n")
-        generated = True
+    generated = ensure_template(template)
     if not is_complete(src, size):
         shutil.rmtree(src, ignore_errors=True)
         shutil.copytree(template, src)
@@ -124,19 +119,50 @@ def ensure_source(src: Path, size: str, components: list[str]) -> bool:
     return generated
 
 
+def ensure_template(template: Path) -> bool:
+    """examples/make_tiny_flux.py's pipeline in ``template`` (kept once complete): the configs, key names and files
+    every generated pipeline starts from. True if it was made now."""
+    if is_complete(template, "tiny"):
+        return False
+    shutil.rmtree(template, ignore_errors=True)
+    script = ROOT / "examples" / "make_tiny_flux.py"
+    subprocess.run([sys.executable, str(script), str(template), "--overwrite"], check=True)
+    (template / MARKER).write_text(json.dumps({"size": "tiny", "generator": GENERATOR_VERSION}) + "\n")
+    return True
+
+
+def dev_shapes(component: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor of the model that ``component``'s config.json describes, built on the meta device
+    (no memory, no weights)."""
+    from qtool.plan import build_meta_model, detect_library, read_json
+
+    config = read_json(component / "config.json")
+    library, class_name = detect_library(config, component)
+    return {k: tuple(v.shape) for k, v in build_meta_model(library, class_name, component).state_dict().items()}
+
+
+def random_weight(key: str, shape: tuple[int, ...], generator, device):
+    """One generated bf16 tensor: a norm's 1-D scale is ones, anything else N(0, 0.02^2), drawn in float32."""
+    import torch
+
+    if "norm" in key and len(shape) == 1:
+        return torch.ones(shape, dtype=torch.bfloat16, device=device)
+    tensor = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return tensor.mul_(0.02).to(torch.bfloat16)
+
+
 def regenerate(component: Path, overrides: dict, seed: int) -> None:
     """Re-make one component at full size: config overrides, then random bf16 weights for the same key set."""
     import torch
 
     from qtool.io import ShardedWriter, scan_component
-    from qtool.plan import build_meta_model, detect_library, read_json
+    from qtool.plan import read_json
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = read_json(component / "config.json") | overrides
     (component / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tiny = scan_component(component)
-    library, class_name = detect_library(config, component)
-    shapes = {k: tuple(v.shape) for k, v in build_meta_model(library, class_name, component).state_dict().items()}
+    shapes = dev_shapes(component)
     # The full model has more blocks than the tiny one: keep every key whose name, block numbers aside, is one the
     # tiny save_pretrained wrote (this drops what save_pretrained drops, e.g. T5's tied encoder.embed_tokens).
     saved = {re.sub(r"\.\d+\.", ".N.", key) for key in tiny.tensors}
@@ -147,14 +173,28 @@ def regenerate(component: Path, overrides: dict, seed: int) -> None:
     generator = torch.Generator(device).manual_seed(seed)
     with ShardedWriter(component, tiny.base_name, DEV_SHARD_BYTES.get(component.name, 10**12)) as writer:
         for key in keys:
-            shape = shapes[key]
-            if "norm" in key and len(shape) == 1:
-                tensor = torch.ones(shape, dtype=torch.bfloat16, device=device)
-            else:
-                tensor = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                tensor = tensor.mul_(0.02).to(torch.bfloat16)
+            tensor = random_weight(key, shapes[key], generator, device)
             writer.add_group({key: tensor})
             del tensor
+
+
+def dev_layers(template: Path, name: str) -> dict[str, tuple[int, int]]:
+    """The Linear weights ``qtool quantize`` quantizes in FLUX.1-dev's component ``name`` (key -> [out, in], in model
+    order), as qtool.plan decides it from the template's config with DEV_CONFIGS over it: nothing is generated."""
+    from qtool.io import ComponentWeights, TensorInfo
+    from qtool.plan import plan_component, read_json
+    from qtool.spec import QuantSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / name
+        folder.mkdir()
+        config = read_json(template / name / "config.json") | DEV_CONFIGS[name]
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shapes = dev_shapes(folder)
+        # The headers a generated checkpoint would have (bf16, one file), for the planner.
+        tensors = {k: TensorInfo(k, "BF16", s, "model.safetensors", 2 * math.prod(s)) for k, s in shapes.items()}
+        plan = plan_component(name, folder, ComponentWeights(folder, "model", tensors, sharded=False), QuantSpec())
+    return {layer.key: layer.shape for layer in plan.layers.values()}
 
 
 def component_files(src: Path, components: list[str]) -> list[Path]:
