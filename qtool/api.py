@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from qtool.errors import QtoolError
 from qtool.plan import MAX_SHARD_SIZE, ComponentPlan, Plan, plan_folder
+from qtool.quality import ComponentQuality, LayerQuality, aggregate
 from qtool.spec import QuantSpec
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ NOT_COPIED = (".git", ".cache")
 # the output) and qtool's provenance record (PROVENANCE). Never copied from input to output.
 DESCRIPTION_FILES = ("README.md", "qtool.json")
 PROVENANCE = "qtool.json"
+# The layout of the quality report (QuantizeResult.report); raised when a key changes meaning or goes.
+REPORT_VERSION = 1
 # What a one-model repo needs: configs, weights, tokenizer and remote-code files.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.py", "README.md"]
 
@@ -75,7 +78,9 @@ class _Silent:
 
 @dataclass
 class ComponentResult:
-    """One quantized component. Bytes are tensor bytes (as safetensors stores them); SQNR in dB over its layers."""
+    """One quantized component. Bytes are tensor bytes (as safetensors stores them); ``layer_quality``: each
+    quantized layer's figures in the plan's order (``qtool.quality``; empty in a dry run), ``quality`` the
+    component's."""
 
     name: str
     class_name: str
@@ -85,8 +90,7 @@ class ComponentResult:
     bytes_before: int
     bytes_after: int
     seconds: float = 0.0
-    sqnr_mean_db: float | None = None
-    sqnr_min_db: float | None = None
+    layer_quality: list[LayerQuality] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     # What the run measured stage by stage (qtool.pipeline.PipelineStats); None in a dry run.
     pipeline: PipelineStats | None = None
@@ -108,6 +112,11 @@ class ComponentResult:
     @property
     def compression(self) -> float:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    @property
+    def quality(self) -> ComponentQuality | None:
+        """The component's figures (``qtool.quality.aggregate`` of ``layer_quality``); None in a dry run."""
+        return aggregate(self.layer_quality)
 
 
 @dataclass
@@ -145,14 +154,44 @@ class QuantizeResult:
                     "bytes_before": c.bytes_before,
                     "bytes_after": c.bytes_after,
                     "seconds": round(c.seconds, 3),
-                    "sqnr_mean_db": c.sqnr_mean_db,
-                    "sqnr_min_db": c.sqnr_min_db,
+                    "quality": _opt_dict(c.quality),
                     "files": c.files,
                     "pipeline": c.pipeline.to_dict() if c.pipeline else None,
                 }
                 for c in self.components
             ],
         }
+
+    def report(self) -> dict:
+        """The quality report (``quantize_checkpoint(report=...)``): the settings, and per component its figures
+        and every quantized layer's (``qtool.quality``; JSON-ready, strict: no NaN or Infinity)."""
+        from qtool import __version__
+
+        settings = dataclasses.asdict(self.spec)
+        settings["skip"] = list(self.spec.skip)
+        return {
+            "report_version": REPORT_VERSION,
+            "qtool_version": __version__,
+            "source": self.source,
+            "output": str(self.output),
+            "device": self.device,
+            "method": self.spec.label,
+            "settings": settings,
+            "quantization_config": self.spec.quantization_config(),
+            "components": [
+                {
+                    "name": c.name,
+                    "class": c.class_name,
+                    "quality": _opt_dict(c.quality),
+                    "layers": [q.to_dict() for q in c.layer_quality],
+                }
+                for c in self.components
+            ],
+        }
+
+
+def _opt_dict(quality: ComponentQuality | None) -> dict | None:
+    return quality.to_dict() if quality is not None else None
 
 
 def default_output(source: str, suffix: str, local_folder: Path | None = None) -> Path:
@@ -429,7 +468,7 @@ def _quantize_component(
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out.mkdir(parents=True, exist_ok=True)
-    sqnrs: list[float] = []
+    measured: dict[str, LayerQuality] = {}
     bias_of = {layer.fqn + ".bias": key for key, layer in plan.layers.items()}
     # A bias is read, and written, with its weight (in the same shard).
     groups = [
@@ -469,15 +508,14 @@ def _quantize_component(
         if done.layer is None:
             writer.add_group(done.tensors)
             return
-        sqnr = verify.judge_layer(
+        verify.judge_layer(
             done.stats,
             verify.tensor_name(plan.name, done.key),
             bits=spec.bits,
             shape=done.layer.shape,
             check_finite=not allow_nonfinite,
         )
-        if sqnr is not None:
-            sqnrs.append(sqnr)
+        measured[done.key] = verify.layer_quality(done.stats, done.key, shape=done.layer.shape, method=spec.label)
         group = {f"{done.layer.fqn}.{name}": value for name, value in done.pending.entries().items()}
         writer.add_group(group | done.tensors)
 
@@ -511,13 +549,11 @@ def _quantize_component(
     # diffusers and transformers both write json.dumps(indent=2, sort_keys=True) + "\n".
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copy_component_files(plan.folder, out)
-    finite = [s for s in sqnrs if math.isfinite(s)]
     return ComponentResult.of_plan(
         plan,
         bytes_after,
         seconds=time.perf_counter() - start,
-        sqnr_mean_db=round(sum(finite) / len(finite), 3) if finite else None,
-        sqnr_min_db=round(min(finite), 3) if finite else None,
+        layer_quality=[measured[key] for key in plan.layers],
         files=[p.name for p in files],
         pipeline=stats,
     )
@@ -535,6 +571,7 @@ def quantize_checkpoint(
     dry_run: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    report: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize a local folder or Hub repo (a diffusers pipeline or one model) into a bitsandbytes checkpoint.
@@ -550,10 +587,14 @@ def quantize_checkpoint(
         overwrite: replace an existing output folder.
         allow_nonfinite: quantize weights holding NaN or Inf (or, for 8-bit, values beyond float16's range) as
             bitsandbytes would, instead of refusing them (a QtoolError naming the tensor).
+        report: also write the quality report (``QuantizeResult.report``, JSON) to this file, replacing it
+            atomically once the output is in place; a path inside the output is written with the output, before
+            it is renamed into place. Refused (before any work) with ``dry_run``, for a folder, inside the input,
+            or in a folder that does not exist.
         progress: receives progress events (bytes read per component).
 
     Returns:
-        QuantizeResult with per-component sizes, timings and SQNR of the quantized layers.
+        QuantizeResult with per-component sizes, timings and quality figures of the quantized layers.
     """
     from qtool import hub
 
@@ -566,8 +607,13 @@ def quantize_checkpoint(
     # For a local source, download() only resolves the path (~ expanded) and refuses a file.
     local_folder = hub.download(source, patterns=[]) if local else None
     out = Path(output).expanduser() if output else default_output(source, spec.label, local_folder)
+    report_path = Path(report).expanduser() if report is not None else None
+    if report_path is not None and dry_run:
+        raise QtoolError("--report and --dry-run conflict", hint="a dry run quantizes nothing to report on")
     if not dry_run:
         _check_output(out, local_folder, overwrite)
+    # The report's path inside the output, when it is there (then written with the output).
+    report_inside = _check_report(report_path, out, local_folder) if report_path is not None else None
 
     if local_folder is not None:
         folder = local_folder
@@ -595,16 +641,30 @@ def quantize_checkpoint(
 
     with atomic_output(out, overwrite) as tmp:
         _write(plan, spec, folder, tmp, device, progress, result, allow_nonfinite)
-        provenance = _provenance(source, folder, local_folder is None, revision, plan, spec)
+        provenance = _provenance(source, folder, local_folder is None, revision, plan, spec, result)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+        if report_inside is not None:
+            _report_into_output(result, tmp, report_inside, report_path)
+    if report_path is not None and report_inside is None:
+        try:
+            write_report(result, report_path)
+        except OSError as e:
+            raise QtoolError(
+                f"the output {out} is complete, but the report {report_path} could not be written ({e.strerror or e})",
+                hint="qtool.json in the output holds each component's figures; for every layer's, run again with "
+                "--overwrite and a --report path you can write to",
+            ) from e
     result.seconds = time.perf_counter() - started
     result.peak_rss_bytes = peak_rss_bytes()
     return result
 
 
-def _provenance(source: str, folder: Path, from_hub: bool, revision: str | None, plan: Plan, spec: QuantSpec) -> dict:
+def _provenance(
+    source: str, folder: Path, from_hub: bool, revision: str | None, plan: Plan, spec: QuantSpec, result: QuantizeResult
+) -> dict:
     """What ``qtool push`` needs to describe the output: where it came from (a Hub repo id and the commit that was
-    downloaded, or a local folder), the source card's license and tags, and the method."""
+    downloaded, or a local folder), the source card's license and tags, and the method; and what `qtool footprint`
+    shows of its quality: each component's figures (``qtool.quality.ComponentQuality``), by component name."""
     from qtool import __version__, hub
 
     card = hub.card_metadata(folder / "README.md") if (folder / "README.md").is_file() else {}
@@ -623,7 +683,67 @@ def _provenance(source: str, folder: Path, from_hub: bool, revision: str | None,
         "quantization_config": spec.quantization_config(),
         "components": [c.name for c in plan.components],
         "bytes_before": {c.name: c.bytes_before for c in plan.components},
+        "quality": {c.name: _opt_dict(c.quality) for c in result.components},
     }
+
+
+def _check_report(report: Path, out: Path, inputs: Path | None) -> Path | None:
+    """Refuse, before any work, a report path that is a folder or the output, lies in the input (never written to)
+    or in a folder that does not exist or cannot be written to. Returns its path relative to the output when it lies
+    inside it (written with the output), else None."""
+    where, target = report.resolve(), out.resolve()
+    if where.is_dir() or where == target:
+        raise QtoolError(
+            f"the report {report} is a folder" if where.is_dir() else f"the report {report} is the output folder",
+            hint="give --report a file name, e.g. quality.json",
+        )
+    if inputs is not None and inputs.resolve() in where.parents:
+        raise QtoolError(
+            f"the report {report} is inside the input {inputs}",
+            hint="qtool never writes to its input: choose a path elsewhere",
+        )
+    if target in where.parents:
+        return where.relative_to(target)
+    parent = where.parent
+    if not parent.is_dir():
+        raise QtoolError(
+            f"the report's folder {parent} does not exist", hint="create it first, or choose another --report path"
+        )
+    _clean_stale(parent, where.name)
+    probe = parent / f".{where.name}.qtool-probe-{os.getpid()}"
+    try:
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        raise QtoolError(
+            f"cannot write the report to {parent} ({e.strerror or e})", hint="choose a --report path you can write to"
+        ) from e
+    return None
+
+
+def write_report(result: QuantizeResult, path: Path) -> None:
+    """``result.report()`` as JSON at ``path``: written beside it, then renamed over it (a reader never sees half of
+    it, and an existing file, or a hard link to another, is replaced rather than written into)."""
+    text = json.dumps(result.report(), indent=2, allow_nan=False) + "\n"
+    tmp = path.parent / f".{path.name}.qtool-tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _report_into_output(result: QuantizeResult, tmp: Path, inside: Path, report: Path) -> None:
+    """The report at its place inside the output being built (``tmp``), refused where the output has a file."""
+    target = tmp / inside
+    if target.exists() or target.is_symlink():
+        raise QtoolError(
+            f"the report {report} would replace {inside.as_posix()} of the output",
+            hint="choose another --report path; nothing was written",
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_report(result, target)
 
 
 def _write(

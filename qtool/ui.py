@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from qtool import quality
+
 err = Console(stderr=True)
 
 
@@ -77,7 +79,6 @@ def print_quantize_result(result) -> None:
         table.add_column(column, justify="left" if column in ("component", "class") else "right")
     if not result.dry_run:
         table.add_column("time", justify="right")
-        table.add_column("SQNR mean / min", justify="right")
     for c in result.components:
         row = [
             c.name or "(model)",
@@ -89,11 +90,15 @@ def print_quantize_result(result) -> None:
             f"{c.compression:.2f}",
         ]
         if not result.dry_run:
-            sqnr = "-" if c.sqnr_mean_db is None else f"{c.sqnr_mean_db:.1f} / {c.sqnr_min_db:.1f} dB"
-            row += [f"{c.seconds:.1f} s", sqnr]
+            row.append(f"{c.seconds:.1f} s")
         table.add_row(*row)
     console = out_console()
     console.print(table)
+    if not result.dry_run:
+        print_quality(console, [(c.name, c.quality) for c in result.components], "measured in this run")
+        worst = [(c.name, q) for c in result.components for q in quality.worst(c.layer_quality)]
+        if worst:
+            console.print(_worst_table(worst))
     if result.copied:
         console.print(f"copied as they are: {', '.join(result.copied)}")
     if result.dry_run:
@@ -103,6 +108,57 @@ def print_quantize_result(result) -> None:
             f"wrote {result.output} in {result.seconds:.1f} s on {result.device} "
             f"(peak host memory {human_bytes(result.peak_rss_bytes)})"
         )
+
+
+def _db(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f} dB"
+
+
+def _g(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def print_quality(console: Console, rows: list, source: str) -> None:
+    """The quality table of `qtool quantize`'s summary and of `qtool footprint` (``rows``: (component name,
+    qtool.quality.ComponentQuality or None)), with what its figures mean; nothing when no row has figures."""
+    if not any(q is not None for _, q in rows):
+        return
+    table = Table(title=f"Quality of the quantized layers ({source})")
+    for column in ("component", "layers", "SQNR mean / min", "SQNR all", "rel. Frob.", "max |err|", "extreme"):
+        table.add_column(column, justify="left" if column == "component" else "right")
+    for name, q in rows:
+        if q is None:
+            continue
+        layers = str(q.layers) + (f" ({q.layers_nonfinite} NaN/Inf)" if q.layers_nonfinite else "")
+        sqnr = "-" if q.sqnr_mean_db is None else f"{q.sqnr_mean_db:.1f} / {q.sqnr_min_db:.1f} dB"
+        table.add_row(
+            name or "(model)", layers, sqnr, _db(q.sqnr_db), _g(q.rel_fro), _g(q.max_abs_err), _percent(q.extreme_share)
+        )
+    console.print(table)
+    console.print(
+        "SQNR = 10 log10(sum w^2 / sum (w - q)^2), w the source weight and q its dequantization: mean and least over "
+        "the layers, and over the component as one tensor (all); rel. Frob. = ||w - q|| / ||w||; extreme: weights "
+        "stored as the code of their block's absmax (NF4/FP4 +-1) or row's SCB (int8 +-127).",
+        style="dim",
+    )
+
+
+def _worst_table(rows: list) -> Table:
+    """The lowest-SQNR layers (``rows``: (component name, qtool.quality.LayerQuality)), lowest first per component.
+    No relative Frobenius error (10^(-SQNR/20)): the layer names keep the room, whole in 100 columns."""
+    table = Table(title="Lowest SQNR layers")
+    for column in ("layer", "SQNR", "max |err|", "extreme"):
+        table.add_column(column, justify="left" if column == "layer" else "right", overflow="fold")
+    for name, q in rows:
+        layer = q.key.removesuffix(".weight")
+        table.add_row(
+            f"{name}/{layer}" if name else layer, _db(q.sqnr_db), _g(q.max_abs_err), _percent(q.extreme_share)
+        )
+    return table
 
 
 def _size_cell(size) -> str:

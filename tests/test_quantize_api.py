@@ -9,6 +9,7 @@ import errno
 import fnmatch
 import importlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -381,7 +382,7 @@ def test_a_dry_run_writes_nothing_and_predicts_the_run(tiny_flux, tmp_path, monk
         )  # fmt: skip
         assert r.layers_quantized == LAYERS[r.name]
         assert abs(d.bytes_after - r.bytes_after) <= (0 if spec.bits == 8 else 16 * r.layers_quantized), d.name
-        assert (d.seconds, d.sqnr_mean_db, d.sqnr_min_db, d.files) == (0.0, None, None, [])
+        assert (d.seconds, d.quality, d.layer_quality, d.files) == (0.0, None, [], [])
 
 
 # The Hub path, with qtool.hub faked
@@ -510,8 +511,11 @@ RESULT_TYPES = {"output": str, "source": str, "kind": str, "method": str, "quant
                 "dry_run": bool, "device": str, "seconds": float, "peak_rss_bytes": int, "copied": list,
                 "components": list}  # fmt: skip
 COMPONENT_TYPES = {"name": str, "class": str, "parameters": int, "layers_quantized": int, "layers_kept": int,
-                   "bytes_before": int, "bytes_after": int, "seconds": float, "sqnr_mean_db": (float, type(None)),
-                   "sqnr_min_db": (float, type(None)), "files": list, "pipeline": (dict, type(None))}  # fmt: skip
+                   "bytes_before": int, "bytes_after": int, "seconds": float, "quality": (dict, type(None)),
+                   "files": list, "pipeline": (dict, type(None))}  # fmt: skip
+FIGURE = (float, type(None))
+QUALITY_TYPES = {"layers": int, "layers_nonfinite": int, "sqnr_mean_db": FIGURE, "sqnr_min_db": FIGURE,
+                 "sqnr_db": FIGURE, "rel_fro": FIGURE, "max_abs_err": FIGURE, "extreme_share": FIGURE}  # fmt: skip
 PIPELINE_TYPES = {"stage_seconds": dict, "items": int, "slots": int, "slot_bytes": int, "bytes_read": int,
                   "bytes_written": int, "peak_gpu_bytes": (int, type(None))}  # fmt: skip
 STAGES = ["wall", "read", "compute", "wait", "write", "starved", "finish", "verify"]
@@ -527,6 +531,10 @@ def check_schema(data: dict) -> None:
         for key, kinds in COMPONENT_TYPES.items():
             assert type(component[key]) in (kinds if isinstance(kinds, tuple) else (kinds,)), key
         assert all(type(name) is str for name in component["files"])
+        if component["quality"] is not None:
+            assert list(component["quality"]) == list(QUALITY_TYPES)
+            for key, kinds in QUALITY_TYPES.items():
+                assert type(component["quality"][key]) in (kinds if isinstance(kinds, tuple) else (kinds,)), key
         if component["pipeline"] is not None:
             assert list(component["pipeline"]) == list(PIPELINE_TYPES)
             for key, kinds in PIPELINE_TYPES.items():
@@ -548,7 +556,7 @@ def test_to_dict_of_a_run(tiny_flux_nf4):
     assert [c["name"] for c in data["components"]] == list(QUANTIZED)
     for c in data["components"]:
         assert c["layers_quantized"] == LAYERS[c["name"]] and c["bytes_after"] < c["bytes_before"]
-        assert 15 < c["sqnr_min_db"] <= c["sqnr_mean_db"] < 30
+        assert 15 < c["quality"]["sqnr_min_db"] <= c["quality"]["sqnr_mean_db"] < 30
         assert c["files"] and all((tiny_flux_nf4.output / c["name"] / f).is_file() for f in c["files"])
         stages, seconds = c["pipeline"], c["pipeline"]["stage_seconds"]
         written = sum((tiny_flux_nf4.output / c["name"] / f).stat().st_size for f in c["files"])
@@ -559,10 +567,165 @@ def test_to_dict_of_a_run(tiny_flux_nf4):
 
 
 def test_to_dict_of_a_dry_run(tiny_flux):
-    """to_dict() of a dry run: the same schema, with no timings, SQNR or files."""
+    """to_dict() of a dry run: the same schema, with no timings, quality figures or files."""
     data = api.quantize_checkpoint(tiny_flux, spec=QuantSpec(bits=8), dry_run=True, device="cpu").to_dict()
     check_schema(data)
     assert (data["method"], data["dry_run"], data["peak_rss_bytes"]) == ("int8", True, 0)
     for c in data["components"]:
-        measured = (c["seconds"], c["sqnr_mean_db"], c["sqnr_min_db"], c["files"], c["pipeline"])
-        assert measured == (0.0, None, None, [], None)
+        measured = (c["seconds"], c["quality"], c["files"], c["pipeline"])
+        assert measured == (0.0, None, [], None)
+
+
+# The quality report (and the same figures in to_dict, qtool.json)
+
+
+def measured_again(source: Path, out: Path, layers) -> dict[str, tuple]:
+    """Per quantized layer of a written component, its figures computed anew from the files: the source weight and
+    the written entries dequantized to float32 (qtool.quantize.dequantize_tensor), in float64: (elements, extreme
+    codes, sum w^2, sum (w - q)^2, max |w - q|). Extreme codes from the stored codes: 4-bit unpacked by the
+    reference (+-1: NF4 0 and 15, FP4 3 and 11), int8 +-127."""
+    from bnb_loading import read_all
+
+    from qtool.formats.layers import quantized_layers
+    from qtool.quantize import dequantize_tensor
+    from qtool.reference.quant4 import unpack_4bit_ref
+
+    extreme_codes = {"nf4": {0, 15}, "fp4": {3, 11}}
+    source_tensors, written = read_all(source), read_all(out)
+    found = quantized_layers(written)
+    assert sorted(found) == sorted(q.key for q in layers)
+    figures = {}
+    for key, layer in found.items():
+        entries = {name: written[k] for name, k in layer.entries.items()}
+        w = source_tensors[key].double()
+        q = dequantize_tensor(entries, dtype=torch.float32).double()
+        if layer.bits == 8:
+            extreme = int((entries["weight"].to(torch.int16).abs() == 127).sum())
+        else:
+            quant_type = next(k for k in entries if "quant_state" in k).rpartition("__")[2]
+            codes = unpack_4bit_ref(entries["weight"], w.numel()).tolist()
+            extreme = sum(c in extreme_codes[quant_type] for c in codes)
+        figures[key] = (w.numel(), extreme, float(w.square().sum()), float((w - q).square().sum()),
+                        float((w - q).abs().max()))  # fmt: skip
+    return figures
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(quant_type="fp4", double_quant=True), QuantSpec(bits=8)],
+                         ids=lambda s: s.label)  # fmt: skip
+def test_the_quality_figures_are_those_of_the_written_layers(tiny_flux, tmp_path, spec):
+    """Each layer's figures (measured on the device during the run) equal the same figures computed anew in float64
+    from the written files and the source: counts exactly, sums and errors to float32 rounding (1e-6; the report's
+    6 digits: 5e-6). Each component's figures are aggregate() of its layers' wherever they appear: the result,
+    to_dict (--json), the report file and qtool.json, and they equal the float64 sums' own."""
+    from qtool.quality import aggregate
+
+    report = tmp_path / "quality.json"
+    result = api.quantize_checkpoint(tiny_flux, spec=spec, output=tmp_path / "out", device="cpu", report=report)
+    data = json.loads(report.read_text())
+    assert data == json.loads(json.dumps(result.report(), allow_nan=False))
+    provenance = json.loads((tmp_path / "out" / "qtool.json").read_text())
+    plans = {c.name: c for c in plan_folder(tiny_flux, spec).components}
+    for c, reported, as_dict in zip(result.components, data["components"], result.to_dict()["components"], strict=True):
+        assert [q.key for q in c.layer_quality] == list(plans[c.name].layers)  # the plan's order
+        again = measured_again(tiny_flux / c.name, tmp_path / "out" / c.name, c.layer_quality)
+        for q, layer in zip(c.layer_quality, reported["layers"], strict=True):
+            elements, extreme, signal, noise, max_err = again[q.key]
+            assert (q.elements, q.extreme, q.status, q.method) == (elements, extreme, "ok", spec.label), q.key
+            assert q.extreme > 0
+            assert math.isclose(q.sqnr_db, 10 * math.log10(signal / noise), rel_tol=1e-6), q.key
+            assert math.isclose(q.rel_fro, math.sqrt(noise / signal), rel_tol=1e-6), q.key
+            assert math.isclose(q.max_abs_err, max_err, rel_tol=1e-6), q.key
+            assert layer["key"] == q.key and layer["shape"] == list(q.shape) and layer["extreme"] == extreme
+            assert math.isclose(layer["sqnr_db"], 10 * math.log10(signal / noise), rel_tol=5e-6), q.key
+            assert math.isclose(layer["extreme_share"], extreme / elements, rel_tol=5e-6), q.key
+        quality = aggregate(c.layer_quality).to_dict()
+        assert reported["quality"] == as_dict["quality"] == provenance["quality"][c.name] == quality
+        signal, noise = sum(f[2] for f in again.values()), sum(f[3] for f in again.values())
+        assert math.isclose(quality["sqnr_db"], 10 * math.log10(signal / noise), rel_tol=5e-6)
+        assert math.isclose(quality["rel_fro"], math.sqrt(noise / signal), rel_tol=5e-6)
+        assert math.isclose(quality["max_abs_err"], max(f[4] for f in again.values()), rel_tol=5e-6)
+        extreme = sum(f[1] for f in again.values()) / sum(f[0] for f in again.values())
+        assert math.isclose(quality["extreme_share"], extreme, rel_tol=5e-6)
+        assert quality["layers"] == len(again) and quality["sqnr_min_db"] <= quality["sqnr_mean_db"]
+
+
+def test_the_report_file_has_the_settings_and_every_layer(tiny_flux_nf4, model_copy, tmp_path):
+    """The report: its version, qtool's, where from and to, the settings (QuantSpec's fields, scale_search
+    included), quantization_config, and per component its class, figures and every layer; strict JSON."""
+    spec = QuantSpec(double_quant=True, blocksize=128, skip=("wi_0",), scale_search=True)
+    report = tmp_path / "r.json"
+    result = api.quantize_checkpoint(model_copy, spec=spec, output=tmp_path / "out", device="cpu", report=report)
+    data = json.loads(report.read_text())
+    assert list(data) == ["report_version", "qtool_version", "source", "output", "device", "method", "settings",
+                          "quantization_config", "components"]  # fmt: skip
+    assert (data["report_version"], data["source"], data["output"], data["device"], data["method"]) == (
+        1, str(model_copy), str(tmp_path / "out"), "cpu", "nf4-dq",
+    )  # fmt: skip
+    assert data["settings"] == {"bits": 4, "quant_type": "nf4", "double_quant": True, "blocksize": 128,
+                                "compute_dtype": "bf16", "skip": ["wi_0"], "threshold": 6.0,
+                                "scale_search": True}  # fmt: skip
+    assert data["quantization_config"] == spec.quantization_config()
+    (component,) = data["components"]
+    assert (component["name"], component["class"]) == ("", "T5EncoderModel")
+    assert len(component["layers"]) == result.components[0].layers_quantized == component["quality"]["layers"] == 10
+    assert list(component["layers"][0]) == ["key", "shape", "method", "status", "sqnr_db", "rel_fro", "max_abs_err",
+                                            "extreme_share", "elements", "extreme", "signal", "noise"]  # fmt: skip
+    assert report.read_text().endswith("}\n") and sorted(os.listdir(tmp_path)) == ["out", "r.json", "t5"]
+    assert "r.json" not in os.listdir(tmp_path / "out")
+
+
+def test_the_report_replaces_a_file_atomically_and_not_through_a_hard_link(model_copy, tmp_path):
+    """An existing report is replaced by a rename (a hard link to it keeps the old text), nothing left beside."""
+    report, link = tmp_path / "q.json", tmp_path / "link.json"
+    report.write_text("old")
+    os.link(report, link)
+    api.quantize_checkpoint(model_copy, output=tmp_path / "out", device="cpu", report=report)
+    assert json.loads(report.read_text())["method"] == "nf4" and link.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["link.json", "out", "q.json", "t5"]
+
+
+def test_a_report_inside_the_output_is_written_with_it(model_copy, tmp_path):
+    """A report path inside the output goes into the temporary folder and appears with the output (--overwrite
+    too); one that would replace a file of the output is refused, and nothing is written."""
+    out = tmp_path / "out"
+    api.quantize_checkpoint(model_copy, output=out, device="cpu", report=out / "reports" / "q.json")
+    assert json.loads((out / "reports" / "q.json").read_text())["output"] == str(out)
+    api.quantize_checkpoint(model_copy, output=out, device="cpu", report=out / "q.json", overwrite=True)
+    assert "q.json" in os.listdir(out) and "reports" not in os.listdir(out)  # the old output is gone
+    before = tree(tmp_path)
+    with pytest.raises(QtoolError) as info:
+        api.quantize_checkpoint(model_copy, output=out, device="cpu", report=out / "config.json", overwrite=True)
+    assert info.value.message == f"the report {out / 'config.json'} would replace config.json of the output"
+    assert tree(tmp_path) == before
+
+
+def test_report_refusals_come_before_any_work(model_copy, tmp_path, no_work):
+    """A report that is a folder, the output, inside the input, in a missing folder, or asked of a dry run: one
+    clear error before any tensor is read, and nothing written."""
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "out"
+    cases = {
+        tmp_path / "folder": (f"the report {tmp_path / 'folder'} is a folder", "give --report a file name, e.g. "
+                              "quality.json"),
+        out: (f"the report {out} is the output folder", "give --report a file name, e.g. quality.json"),
+        model_copy / "q.json": (f"the report {model_copy / 'q.json'} is inside the input {model_copy.resolve()}",
+                                "qtool never writes to its input: choose a path elsewhere"),
+        tmp_path / "no" / "q.json": (f"the report's folder {tmp_path / 'no'} does not exist",
+                                     "create it first, or choose another --report path"),
+    }  # fmt: skip
+    for report, expected in cases.items():
+        error = refused(tmp_path, model_copy, output=out, report=report)
+        assert (error.message, error.hint) == expected
+    error = refused(tmp_path, model_copy, output=out, report=tmp_path / "q.json", dry_run=True)
+    assert (error.message, error.hint) == (
+        "--report and --dry-run conflict",
+        "a dry run quantizes nothing to report on",
+    )
+
+
+def test_a_failed_run_writes_no_report(model_copy, tmp_path, monkeypatch):
+    """A run that fails midway leaves neither output nor report."""
+    fail_on_call(monkeypatch, "qtool.quantize.quantize_pending", 5, RuntimeError("injected"))
+    with pytest.raises(RuntimeError):
+        api.quantize_checkpoint(model_copy, output=tmp_path / "out", device="cpu", report=tmp_path / "q.json")
+    assert os.listdir(tmp_path) == ["t5"]

@@ -35,6 +35,7 @@ QUANTIZE_EXAMPLES = [
     "qtool quantize meta-llama/Llama-3.1-8B --fp4 --dry-run",
     "qtool quantize ./tiny-flux --components transformer --skip proj_out --json",
     "qtool quantize ./tiny-flux --nf4 --double-quant --scale-search",
+    "qtool quantize ./tiny-flux --bits 8 --report int8-quality.json",
 ]
 
 
@@ -77,6 +78,19 @@ def quantize(
             "-o",
             metavar="DIR",
             help="Output folder. Default: ./<source name>-<method> (beside the source when run inside it).",
+            show_default=False,
+        ),
+    ] = None,
+    report: Annotated[
+        str | None,
+        typer.Option(
+            "--report",
+            metavar="FILE",
+            help="Also write a JSON quality report to FILE: the settings, and for every quantized layer (and each "
+            "component as a whole) its SQNR in dB, relative Frobenius error ||W - Q|| / ||W||, largest absolute "
+            "error and share of weights stored as an extreme code (the one their block's absmax or row's SCB "
+            "restores to: NF4/FP4 +-1, int8 +-127). Measured during the run, without reading the weights again. "
+            "FILE is replaced once the output is in place; it goes inside the output only if FILE points there.",
             show_default=False,
         ),
     ] = None,
@@ -137,6 +151,7 @@ def quantize(
         dry_run=dry_run,
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
+        report=report,
         progress=ui.RichProgress(enabled=not (quiet or json_output)),
     )
     pushed = None

@@ -21,14 +21,25 @@ from qtool.api import ComponentResult, QuantizeResult
 from qtool.cli.app import app
 from qtool.errors import QtoolError
 from qtool.io.reader import scan_component
+from qtool.quality import LayerQuality
 from qtool.spec import QuantSpec
 
 runner = CliRunner()
 
 
+def fake_layer(key: str, sqnr_db: float, extreme: int = 40) -> LayerQuality:
+    """A 64 x 64 layer of the given SQNR (signal 4096, noise from the SQNR) and ``extreme`` weights on extreme codes."""
+    return LayerQuality(key, (64, 64), "nf4", 4096, extreme, 4096.0, 4096.0 / 10 ** (sqnr_db / 10), 0.0125)
+
+
+FAKE_LAYERS = [fake_layer("blocks.0.attn.to_q.weight", 20.9), fake_layer("blocks.0.attn.to_k.weight", 20.1, 80),
+               fake_layer("blocks.1.ff.net.0.proj.weight", 21.3), fake_layer("proj_out.weight", 20.5)]  # fmt: skip
+
+
 def fake_result(spec: QuantSpec | None = None, dry_run: bool = False):
+    layers = [] if dry_run else FAKE_LAYERS
     component = ComponentResult("transformer", "FluxTransformer2DModel", 12_000_000, 50, 0, 24_000_000, 6_800_000,
-                                1.5, 20.7, 20.1, ["diffusion_pytorch_model.safetensors"])  # fmt: skip
+                                1.5, layers, ["diffusion_pytorch_model.safetensors"])  # fmt: skip
     return QuantizeResult(output="/tmp/out", source="src", spec=spec or QuantSpec(), kind="pipeline",
                           components=[component], copied=["vae"], dry_run=dry_run, seconds=2.0,
                           peak_rss_bytes=10**9, device="cpu")  # fmt: skip
@@ -50,7 +61,7 @@ def test_defaults_are_nf4_bf16_and_auto_device():
     assert kwargs["spec"].quantization_config()["bnb_4bit_compute_dtype"] == "bfloat16"
     assert kwargs | {"spec": None, "progress": None} == {
         "spec": None, "components": None, "output": None, "revision": None, "token": None, "device": None,
-        "dry_run": False, "overwrite": False, "allow_nonfinite": False, "progress": None,
+        "dry_run": False, "overwrite": False, "allow_nonfinite": False, "report": None, "progress": None,
     }  # fmt: skip
 
 
@@ -60,24 +71,49 @@ def test_every_flag_reaches_the_api():
         "./flux", "--bits", "4", "--fp4", "--double-quant", "--blocksize", "128", "--compute-dtype", "fp16",
         "--components", "transformer, text_encoder_2", "--skip", "proj_out", "--skip", "x_embedder",
         "--threshold", "5.5", "--output", "out", "--revision", "v1", "--token", "hf_x", "--device", "cpu",
-        "--dry-run", "--overwrite", "--allow-nonfinite",
+        "--dry-run", "--overwrite", "--allow-nonfinite", "--report", "q.json",
     )  # fmt: skip
     assert outcome.exit_code == 0, outcome.output
     kwargs = api.call_args.kwargs
     assert kwargs["spec"] == QuantSpec(4, "fp4", True, 128, "fp16", ("proj_out", "x_embedder"), 5.5)
     assert kwargs["components"] == ["transformer", "text_encoder_2"]
     assert (kwargs["output"], kwargs["revision"], kwargs["token"], kwargs["device"]) == ("out", "v1", "hf_x", "cpu")
-    assert kwargs["dry_run"] and kwargs["overwrite"] and kwargs["allow_nonfinite"]
+    assert kwargs["dry_run"] and kwargs["overwrite"] and kwargs["allow_nonfinite"] and kwargs["report"] == "q.json"
+
+
+def cells(stdout: str, first: str, after: str = "") -> list[str]:
+    """The cells of the first table row of ``stdout`` (after the text ``after``) whose first cell is ``first``."""
+    for line in stdout[stdout.index(after) :].splitlines():
+        row = [cell.strip() for cell in line.strip("│ ").split("│")]
+        if row[0] == first:
+            return row
+    raise AssertionError(f"no row {first!r} in:\n{stdout}")
 
 
 def test_summary_table_and_json_and_quiet():
-    """The table, --json and --quiet render a result as documented."""
+    """The table, --json and --quiet render a result as documented: the quality table gives the component's figures
+    (SQNR mean / min of the layers, of the component as one tensor, relative Frobenius error, largest error, share
+    on extreme codes: 200 of 4 x 4096) and the three lowest-SQNR layers, lowest first."""
     outcome, _ = invoke("src")
-    assert "transformer" in outcome.stdout and "FluxTransformer2DModel" in outcome.stdout
-    assert "20.7 / 20.1 dB" in outcome.stdout and "copied as they are: vae" in outcome.stdout
+    out = outcome.stdout
+    assert "FluxTransformer2DModel" in out and "copied as they are: vae" in out
+    assert "Quality of the quantized layers" in out
+    quality = cells(out, "transformer", after="Quality of the quantized layers")
+    assert quality[1:] == ["4", "20.7 / 20.1 dB", "20.7 dB", "0.0925", "0.0125", "1.22%"]
+    worst = [line.strip("│ ").split("│") for line in out.splitlines() if "transformer/" in line]
+    assert [[cell.strip() for cell in row[:2]] for row in worst] == [
+        ["transformer/blocks.0.attn.to_k", "20.1 dB"],
+        ["transformer/proj_out", "20.5 dB"],
+        ["transformer/blocks.0.attn.to_q", "20.9 dB"],
+    ]
+    assert cells(out, "transformer/blocks.0.attn.to_k")[2:] == ["0.0125", "1.95%"]
     outcome, _ = invoke("src", "--json")
     data = json.loads(outcome.stdout)
     assert data["components"][0]["bytes_after"] == 6_800_000 and data["method"] == "nf4"
+    assert data["components"][0]["quality"] == {
+        "layers": 4, "layers_nonfinite": 0, "sqnr_mean_db": 20.7, "sqnr_min_db": 20.1, "sqnr_db": 20.677,
+        "rel_fro": 0.0925017, "max_abs_err": 0.0125, "extreme_share": 0.012207,
+    }  # fmt: skip
     outcome, _ = invoke("src", "--quiet")
     assert outcome.stdout == "/tmp/out\n"
 
@@ -135,6 +171,14 @@ def test_invalid_choice_is_a_usage_error():
     """A value outside an option's choices is a usage error (exit 2)."""
     outcome, _ = invoke("src", "--device", "tpu")
     assert outcome.exit_code == 2
+
+
+def test_help_says_what_the_report_holds():
+    """--report's help names each figure the report gives."""
+    outcome = runner.invoke(app, ["quantize", "--help"])
+    text = " ".join(outcome.stdout.split())
+    for figure in ("--report", "SQNR in dB", "relative Frobenius error", "largest absolute error", "extreme code"):
+        assert figure in text, figure
 
 
 def test_help_states_defaults_and_examples():
@@ -200,6 +244,30 @@ def test_bits_8_threshold_device_cpu_and_json(tiny_flux, work):
     rows, cols = headers(tiny_flux / "transformer")[TO_Q][1]
     assert tensors[TO_Q] == ("I8", (rows, cols))
     assert tensors[TO_Q.replace(".weight", ".SCB")] == ("F32", (rows,))
+
+
+def test_report_holds_the_figures_the_summary_shows(tiny_flux, work):
+    """--report FILE: the JSON report at FILE, not inside the output; the summary shows the same figures, each
+    component's row and its three lowest-SQNR layers; --json the same component figures."""
+    out, report = work / "out", work / "quality.json"
+    stdout = succeeded(quantize(tiny_flux, "--bits", "8", "--device", "cpu", "-o", out, "--report", report))
+    data = json.loads(report.read_text())
+    assert data["method"] == "int8" and "quality.json" not in os.listdir(out)
+    assert [c["name"] for c in data["components"]] == list(QUANTIZED)
+    for c in data["components"]:
+        q = c["quality"]
+        assert 40 < q["sqnr_min_db"] <= q["sqnr_mean_db"] < 50 and 0 < q["extreme_share"] < 0.05
+        assert cells(stdout, c["name"], after="Quality of the quantized layers")[1:] == [
+            str(q["layers"]), f"{q['sqnr_mean_db']:.1f} / {q['sqnr_min_db']:.1f} dB", f"{q['sqnr_db']:.1f} dB",
+            f"{q['rel_fro']:.3g}", f"{q['max_abs_err']:.3g}", f"{100 * q['extreme_share']:.2f}%",
+        ]  # fmt: skip
+        lowest = sorted(c["layers"], key=lambda layer: layer["sqnr_db"])[:3]
+        names = [f"{c['name']}/{layer['key'].removesuffix('.weight')}" for layer in lowest]
+        shown = [line.strip("│ ").split("│")[0].strip() for line in stdout.splitlines() if f"│ {c['name']}/" in line]
+        assert shown == names
+        assert [cells(stdout, name)[1] for name in names] == [f"{layer['sqnr_db']:.1f} dB" for layer in lowest]
+    as_json = json.loads(succeeded(quantize(tiny_flux, "--bits", "8", "--device", "cpu", "-o", work / "j", "--json")))
+    assert [c["quality"] for c in as_json["components"]] == [c["quality"] for c in data["components"]]
 
 
 def test_nf4_double_quant_blocksize_compute_dtype_skip_and_quiet(tiny_flux, work):
@@ -326,6 +394,10 @@ def error_cases(tiny_flux: Path, quantized: Path, work: Path) -> dict:
                             "check the network connection, or unset HF_HUB_OFFLINE, or pass a local folder", None),
         "disk-full": ([tiny_flux, "-o", out], f"no space left on the device while writing {out}",
                       "free some space, or choose an --output on a larger disk", disk_full),
+        "report-is-a-folder": ([tiny_flux, "-o", out, "--report", work], f"the report {work} is a folder",
+                               "give --report a file name, e.g. quality.json", None),
+        "report-in-a-dry-run": ([tiny_flux, "--dry-run", "--report", work / "q.json"],
+                                "--report and --dry-run conflict", "a dry run quantizes nothing to report on", None),
     }  # fmt: skip
 
 
