@@ -13,11 +13,16 @@ read instead. Two figures per size:
 - ``gpu_bytes`` (the figure ``--gpu-memory`` checks): ``memory_bytes`` plus the quant states, which loading also
   puts on the GPU. Activations, the CUDA context and the allocator's cache come on top: hence the headroom.
 
+For a checkpoint written by ``qtool quantize``, each quantized component's quality figures too (SQNR, relative
+Frobenius error, largest error, extreme codes: ``qtool.quality``), as its ``qtool.json`` recorded them during the run;
+other quantized checkpoints have none (``Footprint.quality_note`` says why).
+
 Nothing here downloads a weight: a Hub repo's headers come through HTTP range reads, a folder's from its files.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -43,6 +48,7 @@ from qtool.plan import (
     quantized_bytes,
     read_json,
 )
+from qtool.quality import ComponentQuality
 from qtool.spec import QuantSpec
 
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -90,6 +96,8 @@ class ComponentFootprint:
     after: dict[str, Size] = field(default_factory=dict)
     quantization: dict | None = None
     note: str = ""
+    # A component quantized by qtool: its figures as qtool.json recorded them.
+    quality: ComponentQuality | None = None
 
     def size(self, method: str) -> Size | None:
         """Its size once the pipeline is quantized with ``method`` (its stored size unless it gets quantized: so
@@ -108,6 +116,7 @@ class ComponentFootprint:
             "after": {m: self.after[m].to_dict() for m in methods if m in self.after},
             "quantization": self.quantization,
             "note": self.note,
+            "quality": self.quality.to_dict() if self.quality is not None else None,
         }
         size = self.size(chosen)
         if gpu_memory is not None:
@@ -124,6 +133,8 @@ class Footprint:
     methods: list[str]  # the methods predicted, e.g. ["int8", "nf4", "nf4-dq"]; [] for a quantized checkpoint
     components: list[ComponentFootprint]
     gpu_memory: int | None = None
+    # Why a quantized checkpoint shows no quality figures ("" when it does, or is not quantized).
+    quality_note: str = ""
 
     def total(self, method: str | None = None) -> Size | None:
         """The whole checkpoint's size after ``method`` (None: as stored); None if a component's size is unknown."""
@@ -148,6 +159,7 @@ class Footprint:
             "gpu_memory_bytes": self.gpu_memory,
             "components": [c.to_dict(self.methods, self.gpu_memory, self.method) for c in self.components],
             "total": total,
+            "quality_note": self.quality_note,
         }
 
 
@@ -243,6 +255,26 @@ def _quantized(name: str, folder: Path, weights: ComponentWeights, config: dict)
     )
 
 
+def recorded_quality(folder: Path) -> tuple[dict[str, ComponentQuality | None], str]:
+    """Each component's quality figures as the ``qtool.json`` in ``folder`` records them (by component name, ``""``
+    for a model), or none and a note saying why: no qtool.json (not written by qtool), none recorded (an older qtool),
+    or a file that cannot be read as qtool wrote it."""
+    from qtool.api import PROVENANCE
+
+    path = folder / PROVENANCE
+    if not path.is_file():
+        return {}, f"no quality figures: not written by qtool (no {PROVENANCE})"
+    try:
+        recorded = json.loads(path.read_text()).get("quality")
+        if recorded is None:
+            return {}, f"no quality figures: {PROVENANCE} records none (written by an older qtool)"
+        if not isinstance(recorded, dict):
+            raise ValueError(f"quality is {recorded!r}")
+        return {k: None if v is None else ComponentQuality.from_dict(v) for k, v in recorded.items()}, ""
+    except (OSError, ValueError, AttributeError) as e:
+        return {}, f"no quality figures: {PROVENANCE} cannot be read ({e})"
+
+
 def _kept(name: str, class_name: str, weights: Callable[[str], ComponentWeights]) -> ComponentFootprint:
     """A pipeline component left as it is: its stored size (memory as stored: no model is built for it)."""
     try:
@@ -311,12 +343,15 @@ def footprint(
     plans = [plan_component(name, folder / name, weights(name), spec) for name in chosen]
     check_skips(plans, spec)
     by_name = {p.name: p for p in plans}
+    figures, quality_note = recorded_quality(folder) if quantized else ({}, "")
     rows = []
     for name, (_, class_name) in available.items():
         if name in by_name:
             rows.append(_predicted(by_name[name], specs))
         elif name in quantized:
-            rows.append(_quantized(name, folder / name, weights(name), configs[name]))
+            rows.append(
+                replace(_quantized(name, folder / name, weights(name), configs[name]), quality=figures.get(name))
+            )
         elif name in configs:
             rows.append(_kept(name, class_name, weights))
     if quantized:
@@ -333,4 +368,5 @@ def footprint(
         methods=methods,
         components=rows,
         gpu_memory=gpu_memory,
+        quality_note=quality_note,
     )

@@ -222,6 +222,9 @@ def print_footprint(result) -> None:
     for c in result.components:
         if c.note:
             console.print(f"{c.name or 'model'}: {c.note}")
+    print_quality(console, [(c.name, c.quality) for c in result.components], "recorded in qtool.json")
+    if result.quality_note:
+        console.print(result.quality_note)
 
 
 def _params(n: int | None) -> str:

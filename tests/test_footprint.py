@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 from bnb_loading import load
@@ -173,3 +174,72 @@ def test_footprint_writes_nothing(tiny_flux, tmp_path, monkeypatch):
     before = sorted(os.listdir(tiny_flux))
     assert CliRunner().invoke(app, ["footprint", str(tiny_flux)]).exit_code == 0
     assert os.listdir(tmp_path) == [] and sorted(os.listdir(tiny_flux)) == before
+
+
+# Quality figures of a qtool output, from its qtool.json
+
+
+def test_a_qtool_output_shows_the_figures_its_run_measured(tiny_flux_nf4):
+    """footprint of a qtool output: each quantized component's quality figures as qtool.json recorded them, which
+    are the run's own (the same aggregate, to its 6 recorded digits), in the table and in --json; none for the
+    components kept as they are."""
+    result = footprint(tiny_flux_nf4.output)
+    measured = {c.name: c.quality.to_dict() for c in tiny_flux_nf4.components}
+    shown = {c.name: c.quality for c in result.components}
+    assert {name: q.to_dict() for name, q in shown.items() if q is not None} == measured
+    assert shown["vae"] is None and shown["text_encoder"] is None and result.quality_note == ""
+    data = json.loads(CliRunner().invoke(app, ["footprint", str(tiny_flux_nf4.output), "--json"]).stdout)
+    assert {c["name"]: c["quality"] for c in data["components"] if c["quality"]} == measured
+    assert data["quality_note"] == ""
+    table = CliRunner().invoke(app, ["footprint", str(tiny_flux_nf4.output)])
+    assert table.exit_code == 0, table.output
+    text = table.stdout[table.stdout.index("Quality of the quantized layers (recorded in qtool.json)") :]
+    for name, q in measured.items():
+        (row,) = [line for line in text.splitlines() if line.startswith(f"│ {name} ")]
+        for cell in (f"{q['sqnr_mean_db']:.1f} / {q['sqnr_min_db']:.1f} dB", f"{q['sqnr_db']:.1f} dB",
+                     f"{q['rel_fro']:.3g}", f"{q['max_abs_err']:.3g}", f"{100 * q['extreme_share']:.2f}%"):  # fmt: skip
+            assert f" {cell} │" in row, (name, cell, row)
+
+
+def test_a_qtool_model_folder_shows_its_figures(tiny_flux, tmp_path):
+    """One model quantized by qtool (its figures recorded under the name ""): the same figures as its run's."""
+    from qtool.api import quantize_checkpoint
+
+    run = quantize_checkpoint(
+        tiny_flux / "text_encoder_2", spec=QuantSpec(bits=8), output=tmp_path / "t5", device="cpu"
+    )
+    (component,) = footprint(tmp_path / "t5").components
+    assert component.quality.to_dict() == run.components[0].quality.to_dict()
+
+
+@pytest.mark.parametrize(
+    "case,note",
+    [
+        ("no-qtool-json", "no quality figures: not written by qtool (no qtool.json)"),
+        ("older-qtool", "no quality figures: qtool.json records none (written by an older qtool)"),
+        ("not-json", "no quality figures: qtool.json cannot be read (Expecting value: line 1 column 1 (char 0))"),
+        ("bad-figures", "no quality figures: qtool.json cannot be read (quality figure sqnr_db is '20')"),
+    ],
+)
+def test_a_bnb_checkpoint_without_qtool_figures_says_why(tiny_flux_nf4, tmp_path, case, note):
+    """A bitsandbytes checkpoint whose qtool.json is missing (written by diffusers / transformers), holds no figures,
+    or cannot be read: its sizes as before, no quality figures, and a note saying why; never a crash."""
+    folder = tmp_path / "bnb"
+    shutil.copytree(tiny_flux_nf4.output, folder, copy_function=os.link)
+    provenance = folder / "qtool.json"
+    recorded = json.loads(provenance.read_text())
+    provenance.unlink()  # a hard link to the shared output's: never written through
+    if case == "older-qtool":
+        del recorded["quality"]
+    if case == "bad-figures":
+        recorded["quality"]["transformer"]["sqnr_db"] = "20"
+    if case != "no-qtool-json":
+        provenance.write_text("" if case == "not-json" else json.dumps(recorded))
+    result = footprint(folder)
+    assert result.quantized and result.quality_note == note
+    assert all(c.quality is None for c in result.components)
+    assert [c.stored for c in result.components] == [c.stored for c in footprint(tiny_flux_nf4.output).components]
+    outcome = CliRunner().invoke(app, ["footprint", str(folder)])
+    assert outcome.exit_code == 0, outcome.output
+    assert note in " ".join(outcome.stdout.split()) and "Quality of the quantized layers" not in outcome.stdout
+    assert json.loads(CliRunner().invoke(app, ["footprint", str(folder), "--json"]).stdout)["quality_note"] == note
