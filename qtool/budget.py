@@ -136,7 +136,8 @@ def spec_for_bits(spec: QuantSpec, bits: int, skip: tuple[str, ...] | None = Non
 
 
 def quantize_options(spec: QuantSpec) -> dict:
-    """``quantize_pending``'s keyword arguments for the spec's 4-bit method (``measure_errors``' ``options``)."""
+    """``quantize_pending``'s keyword arguments for the spec's 4-bit method (``measure_errors``' ``options``); its
+    8-bit pass keeps ``scale_search``."""
     options = {"quant_type": spec.quant_type, "double_quant": spec.double_quant, "blocksize": spec.blocksize}
     if spec.scale_search:
         options["scale_search"] = True
@@ -718,7 +719,7 @@ def measure_errors(
         reader: an open TensorReader over the component's weights.
         device: "cuda" or "cpu", as for quantizing.
         options: ``quantize_pending``'s keywords for 4-bit (``quantize_options(spec)``: quant_type, double_quant,
-            blocksize, and scale_search where supported); the 8-bit pass takes those that are not 4-bit-only.
+            blocksize, scale_search); the 8-bit pass takes those that are not 4-bit-only (scale_search, backend).
         allow_nonfinite: as the run's; otherwise NaN or Inf in a weight raises the run's QtoolError.
 
     Returns:

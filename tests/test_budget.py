@@ -484,12 +484,16 @@ def test_one_component_cannot_mix_4bit_and_8bit(tiny_flux, tmp_path):
 
 @pytest.mark.parametrize(
     "name, spec",
-    [("transformer", QuantSpec()), ("text_encoder_2", QuantSpec(quant_type="fp4", double_quant=True))],
-    ids=["transformer-nf4", "t5-fp4-dq"],
+    [
+        ("transformer", QuantSpec()),
+        ("text_encoder_2", QuantSpec(quant_type="fp4", double_quant=True)),
+        ("text_encoder_2", QuantSpec(scale_search=True)),
+    ],
+    ids=["transformer-nf4", "t5-fp4-dq", "t5-nf4-search"],
 )
 def test_measure_errors_are_each_layers_round_trip(flux_plans, name, spec, monkeypatch):
     """For every quantized layer: 10^(-SQNR/10) of quantize -> dequantize at 4-bit (the run's options) and at
-    8-bit, from one read of each weight and nothing else; 8-bit is far below 4-bit."""
+    8-bit (with the run's scale search), from one read of each weight and nothing else; 8-bit is far below 4-bit."""
     plan = flux_plans[name]
     reads: list[str] = []
     original = TensorReader.read
@@ -506,11 +510,18 @@ def test_measure_errors_are_each_layers_round_trip(flux_plans, name, spec, monke
         assert set(errors) == {x.fqn for x in plan.layers.values()}
         for key, x in plan.layers.items():
             weight = reader.read(key).clone()
-            for bits, options in ((4, budget.quantize_options(spec)), (8, {"bits": 8})):
+            eight = {"bits": 8, "scale_search": True} if spec.scale_search else {"bits": 8}
+            for bits, options in ((4, budget.quantize_options(spec)), (8, eight)):
                 restored = dequantize_tensor(quantize_tensor(weight, **options), dtype=torch.float32)
                 expected = 10 ** (-sqnr_db(weight.float(), restored) / 10)
                 assert errors[x.fqn][bits] == pytest.approx(expected, rel=1e-5), (x.fqn, bits)
             assert 1e-3 < errors[x.fqn][8] / errors[x.fqn][4] < 1e-1
+    if spec.scale_search:  # the searched scales minimize each block's (row's) error: never worse than the absmax
+        with TensorReader(plan.weights) as reader:
+            plain = budget.measure_errors(plan, reader, "cpu", budget.quantize_options(QuantSpec()))
+        for fqn, e in errors.items():
+            assert e[4] <= plain[fqn][4] * (1 + 1e-6) and e[8] <= plain[fqn][8] * (1 + 1e-6), fqn
+        assert sum(e[4] for e in errors.values()) < sum(e[4] for e in plain.values())
 
 
 def rewrite(source: Path, folder: Path, key: str, change) -> Path:
