@@ -28,6 +28,7 @@ their ratio, the byte difference (0, or the offset's digits); per layer, its gai
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -142,12 +143,19 @@ def is_layer(key: str, tensor) -> bool:
     return tensor.is_floating_point() and tensor.dim() >= 2 and tensor.numel() >= MIN_NUMEL and "weight" in last
 
 
+def component_name(name: str) -> str:
+    """A package's component in the results: its name and installed version (the weights are the version's)."""
+    return f"{name} {importlib.metadata.version(name)}"
+
+
 def real_layers(name: str, limit: int | None = None) -> list[Layer]:
     """A package's layers (CPU tensors), file by file in stored order; empty when it is not installed."""
     import torch
     from safetensors.torch import load_file
 
-    layers = []
+    if package_files(name) is None:
+        return []
+    component, layers = component_name(name), []
     for path in package_files(name) or []:
         if path.suffix == ".jit":
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
@@ -155,7 +163,8 @@ def real_layers(name: str, limit: int | None = None) -> list[Layer]:
             state = load_file(path)
         for key, tensor in state.items():
             if is_layer(key, tensor):
-                layers.append(Layer(name, f"{path.stem}:{key}", tensor.reshape(tensor.shape[0], -1).contiguous()))
+                weight = tensor.reshape(tensor.shape[0], -1).contiguous()
+                layers.append(Layer(component, f"{path.stem}:{key}", weight))
     return layers[:limit]
 
 
@@ -237,7 +246,8 @@ def quantize_both(weight, method: str, *, backend: str = "auto", repeats: int = 
         weight: [N, K] float16 / float32 / bfloat16, on the device to measure on.
         method: a key of METHODS.
         backend: as in qtool.quantize_tensor.
-        repeats: timed calls per variant, after one untimed warm-up call (Triton compiles; first-call set-up).
+        repeats: timed calls per variant, after one untimed warm-up call (Triton compiles; first-call set-up);
+            0 times nothing.
     """
     import torch
 
@@ -304,7 +314,13 @@ class Summary:
 
 
 def notes(device: str, backend: str) -> str:
-    return f"scale search vs absmax; {device}, {backend} backend"
+    """How the rows were measured; on the CPU with torch's thread count (OMP_NUM_THREADS=1 keeps a shared machine's
+    oversubscribed threads from timing their own waits)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    where = f"cpu ({threads} thread{'s' * (threads != 1)})" if device == "cpu" else device
+    return f"scale search vs absmax; {where}, {backend} backend"
 
 
 def rows(summaries: list[Summary], how: str) -> list[dict]:
@@ -388,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             package = PACKAGES[name]
             print(f"note: {name} is not installed, skipped (pip install {name}=={package.version})", file=sys.stderr)
             continue
+        if args.dry_run:
+            print(f"{component_name(name)}: {PACKAGES[name].what}")
         components.append(real_layers(name, args.limit))
     with tempfile.TemporaryDirectory() as tmp:
         if args.flux:
