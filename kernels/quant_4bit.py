@@ -296,6 +296,20 @@ def code_tables(quant_type: str, search: str | None, device: torch.device) -> tu
     return (nf4_midpoints(device) if quant_type == "nf4" else fp4_thresholds(device)), 0
 
 
+def quantize_constexprs(w: torch.Tensor, quant_type: str, blocksize: int, blocks: int, buckets: int, pairs: bool):
+    """The format, layout and tile constexprs of a kernel that reads a flat weight as ``load_pairs`` tiles."""
+    return {
+        "QBLOCK": blocksize,
+        "IS_NF4": quant_type == "nf4",
+        "PAIRS": pairs,
+        "IS_BF16": w.dtype == torch.bfloat16,
+        "MAX_SKIPS_NAN": not INTERPRETING,
+        "BUCKETS": buckets,
+        "EVEN": w.numel() % (blocks * blocksize) == 0,
+        "BLOCKS": blocks,
+    }
+
+
 def blocks_per_program(blocksize: int, nblocks: int, tile: int | None, default: int) -> int:
     per = max(1, (tile or default) // blocksize)
     # A power of two no larger than needed: small tensors launch one small program.
@@ -342,15 +356,8 @@ def quantize_4bit(
             thresholds,
             n,
             nblocks,
-            QBLOCK=blocksize,
-            IS_NF4=quant_type == "nf4",
             GIVEN=given,
-            PAIRS=pairs is not None,
-            IS_BF16=w.dtype == torch.bfloat16,
-            MAX_SKIPS_NAN=not INTERPRETING,
-            BUCKETS=buckets,
-            EVEN=n % (blocks * blocksize) == 0,
-            BLOCKS=blocks,
+            **quantize_constexprs(w, quant_type, blocksize, blocks, buckets, pairs is not None),
             **warps_option(num_warps, QUANTIZE_WARPS),
             **launch_options(),
         )

@@ -20,7 +20,15 @@ from qtool.reference.quant8 import check_8bit_args
 from qtool.reference.scale_search import ERROR_ONE
 
 from ._common import INTERPRETING, check_device, device_guard, launch_options, warps_option
-from .quant_4bit import block_absmax, blocks_per_program, code_tables, codes_4bit, load_pairs, pairs_view
+from .quant_4bit import (
+    block_absmax,
+    blocks_per_program,
+    code_tables,
+    codes_4bit,
+    load_pairs,
+    pairs_view,
+    quantize_constexprs,
+)
 from .quant_8bit import round_to_int8, row_absmax, tile_shape
 
 _ERROR_ONE = tl.constexpr(ERROR_ONE)
@@ -159,15 +167,8 @@ def search_absmax(
             scale_grid(4, w.device),
             n,
             nblocks,
-            QBLOCK=blocksize,
-            IS_NF4=quant_type == "nf4",
             STEPS=SCALE_STEPS,
-            PAIRS=pairs is not None,
-            IS_BF16=w.dtype == torch.bfloat16,
-            MAX_SKIPS_NAN=not INTERPRETING,
-            BUCKETS=buckets,
-            EVEN=n % (blocks * blocksize) == 0,
-            BLOCKS=blocks,
+            **quantize_constexprs(w, quant_type, blocksize, blocks, buckets, pairs is not None),
             **warps_option(num_warps, SEARCH_4BIT_WARPS),
             **launch_options(),
         )
