@@ -24,7 +24,16 @@ BEGIN, END = "<!-- perf-table -->", "<!-- /perf-table -->"
 KEY = ("op", "provider", "shape", "metric", "notes")
 REQUIRED = {"op", "provider", "shape", "metric", "unit", "median", "notes", "date"}
 ENVIRONMENT = ("gpu", "driver", "torch", "triton", "bnb", "diffusers", "transformers")
-E2E, KERNELS = "e2e.csv", "codecs.csv"
+E2E, KERNELS, QUALITY = "e2e.csv", "codecs.csv", "quality.csv"
+# Issue 8's target for scale search: a mean SQNR gain of at least this over the layers of a component, NF4.
+NF4_GAIN_TARGET_DB = 0.5
+QUALITY_LEGEND = (
+    "*gain*: per layer, the SQNR (dB, float64, of the float32 dequantized weight) with the searched scales minus "
+    "with the absmax, the same entries and size; mean, smallest and largest over the component's layers. "
+    "*time ratio*: `quantize_pending` with scale search over without, times summed over the layers, on the device "
+    "and backend named (the CPU's is the PyTorch reference). *bytes +/-*: the outputs' size difference (with double "
+    "quant, the digits of the offset in the quant-state JSON). Per-layer figures are in the CSV."
+)
 METRIC_ORDER = {"time": 0, "bandwidth": 1, "speedup_vs_bnb": 2, "host_time": 3}
 OP_ORDER = ("read", "quantize-nf4-dq", "quantize-int8", "dequantize-nf4-dq", "dequantize-int8")
 # The end-to-end table's columns: (metric, header). What each means is said under the table.
@@ -230,6 +239,42 @@ def render_targets(rows: list[dict]) -> str:
     return "Against issue 7's targets (qtool runs with a warm Triton cache):\n\n" + table(header, body)
 
 
+def render_quality(rows: list[dict], source: str = f"benchmarks/results/{QUALITY}") -> str:
+    """Scale search against plain absmax: per component and method, the mean gain (NF4 against issue 8's target),
+    its range, the SQNRs, the time ratio and the size difference; one table per device and backend."""
+    title = f"#### Scale search (`benchmarks/quality.py`, `{source}`)"
+    summary = [r for r in rows if " | " not in r["shape"]]  # per-layer rows are "component | layer shape"
+    if not summary:
+        return f"{title}\n\nNot measured yet: run `python benchmarks/quality.py` (with `--flux` on a GPU machine)."
+    parts = [title]
+    methods = ("quantize-nf4", "quantize-nf4-dq", "quantize-fp4", "quantize-int8")
+    header = ["component", "method", "layers", "SQNR absmax dB", "SQNR search dB", "mean gain dB", "min", "max",
+              "time ratio", "bytes +/-"]  # fmt: skip
+    for how in dict.fromkeys(r["notes"] for r in summary):
+        here = [r for r in summary if r["notes"] == how]
+        body = []
+        for shape in dict.fromkeys(r["shape"] for r in here):
+            ops = dict.fromkeys(r["op"] for r in here if r["shape"] == shape)
+            for op in sorted(ops, key=lambda o: (methods.index(o) if o in methods else len(methods), o)):
+                f = {r["metric"]: float(r["median"]) for r in here if (r["shape"], r["op"]) == (shape, op)}
+
+                def cell(metric: str, spec: str = "", f: dict = f) -> str:
+                    return "" if metric not in f else format(f[metric], spec) if spec else fmt(f[metric])
+
+                gain = cell("sqnr_gain_db", "+.2f")
+                if op == "quantize-nf4" and gain:
+                    gain += " ✓" if f["sqnr_gain_db"] >= NF4_GAIN_TARGET_DB else " ✗"
+                body.append([
+                    shape, op.removeprefix("quantize-"), cell("layers"), cell("sqnr_absmax_db", ".2f"),
+                    cell("sqnr_search_db", ".2f"), gain, cell("sqnr_gain_min_db", "+.2f"),
+                    cell("sqnr_gain_max_db", "+.2f"), cell("time_ratio"), cell("size_difference_bytes"),
+                ])  # fmt: skip
+        where = how.split("; ", 1)[-1]  # notes: "scale search vs absmax; <device>, <backend> backend"
+        parts.append(f"{environment(here)} On {where}:\n\n" + table(header, body))
+    parts.append(f"Issue 8's target: NF4 mean gain ≥ +{NF4_GAIN_TARGET_DB} dB (✓/✗). " + QUALITY_LEGEND)
+    return "\n\n".join(parts)
+
+
 def mark(value: float, limit: float, sense: str) -> str:
     ok = value <= limit if sense == "<=" else value >= limit
     return f"{fmt(value)} {'✓' if ok else '✗'}"
@@ -274,8 +319,9 @@ def render(results: Path = RESULTS) -> str:
         parts.append(f"{title}\n\n{environment(kernels)}\n\n{render_pivot(kernels)}")
     else:
         parts.append(f"{title}\n\nNot measured yet: run `python benchmarks/bench_codecs.py` on a GPU machine.")
+    parts.append(render_quality(latest(tables.get(QUALITY, [])), source=f"{rel}/{QUALITY}"))
     for name, rows in tables.items():
-        if name not in (E2E, KERNELS) and rows:
+        if name not in (E2E, KERNELS, QUALITY) and rows:
             rows = latest(rows)
             parts.append(f"#### `{rel}/{name}`\n\n{environment(rows)}\n\n{render_pivot(rows)}")
     if old:

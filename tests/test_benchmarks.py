@@ -121,7 +121,7 @@ def test_missing_and_old_csvs_render_without_crashing(tmp_path):
     make_table = load_make_table()
     (tmp_path / "quantize_flux.csv").write_text("tool,size,seconds\nqtool,dev,57.9\n")
     block = make_table.render(tmp_path)
-    assert block.count("Not measured yet") == 2
+    assert block.count("Not measured yet") == 3
     assert "quantize_flux.csv" in block and "57.9" not in block
 
 
@@ -141,3 +141,28 @@ def test_check_fails_until_the_readme_is_regenerated(tmp_path):
     assert make_table.main([*args, "--check"]) == 1
     assert make_table.main(args) == 0
     assert "19.8" in readme.read_text()
+
+
+def test_quality_table_shows_components_and_the_nf4_target(tmp_path):
+    """quality.csv: one line per component and method (per-layer rows stay in the CSV), NF4 marked against issue 8's
+    +0.5 dB target, one table per device and backend."""
+    make_table = load_make_table()
+    metrics = ("sqnr_gain_db", "sqnr_gain_min_db", "sqnr_gain_max_db", "sqnr_absmax_db", "sqnr_search_db",
+               "time_ratio", "size_difference_bytes", "layers")  # fmt: skip
+    rows = []
+    for where, shape, gain in (("cpu, torch", "e2k", "0.56"), ("cpu, torch", "flux-dev transformer", "0.41"),
+                               ("cuda, triton", "e2k", "0.57")):  # fmt: skip
+        notes = f"scale search vs absmax; {where} backend"
+        for metric in metrics:
+            value = gain if metric.startswith("sqnr_gain") else "1"
+            rows.append({"op": "quantize-nf4", "provider": "qtool", "shape": shape, "metric": metric,
+                         "median": value, "notes": notes, "date": "2026-11-25"})  # fmt: skip
+    rows.append({**rows[0], "shape": "e2k | accent:emb.weight 85x256", "median": "9.99"})
+    write_csv(tmp_path / "quality.csv", rows)
+    block = make_table.render(tmp_path)
+    section = block.split("#### Scale search", 1)[1]
+    assert "| e2k | nf4 | 1 | 1.00 | 1.00 | +0.56 ✓ |" in section
+    assert "| flux-dev transformer | nf4 | 1 | 1.00 | 1.00 | +0.41 ✗ |" in section
+    assert "9.99" not in section and "accent" not in section
+    assert "On cpu, torch backend:" in section and "On cuda, triton backend:" in section
+    assert "| e2k | nf4 | 1 | 1.00 | 1.00 | +0.57 ✓ |" in section.split("On cuda")[1]
