@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     summaries = []
-    print(f"{'layer':60s} {'shape':>11s} {'method':>6s} {'absmax dB':>9s} {'search dB':>9s} {'gain':>7s} "
+    width = max((len(f"{layer.component} {layer.name}") for layers in components for layer in layers), default=5)
+    print(f"{'layer':{width}s} {'shape':>11s} {'method':>6s} {'absmax dB':>9s} {'search dB':>9s} {'gain':>7s} "
           f"{'absmax ms':>10s} {'search ms':>10s} {'ratio':>6s}", flush=True)  # fmt: skip
     for layers in components:
         for method in args.methods:
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = measure(Layer(layer.component, layer.name, layer.weight.to(device)), method,
                             backend=args.backend, repeats=repeats)  # fmt: skip
                 summary.results.append(r)
-                print(f"{(r.component + ' ' + r.layer)[-60:]:60s} {r.shape:>11s} {method:>6s} {r.sqnr_absmax:9.3f} "
+                print(f"{r.component + ' ' + r.layer:{width}s} {r.shape:>11s} {method:>6s} {r.sqnr_absmax:9.3f} "
                       f"{r.sqnr_search:9.3f} {r.gain:+7.3f} {r.seconds_absmax * 1e3:10.3f} "
                       f"{r.seconds_search * 1e3:10.3f} {r.time_ratio:6.2f}", flush=True)  # fmt: skip
             if summary:

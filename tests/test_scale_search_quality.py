@@ -40,9 +40,9 @@ quality = _load("quality")
 results = quality._results
 
 # e2k's smallest model, all 13 of its layers (0.56M weights: GRU gates, attention in/out projections, Linears,
-# embeddings; the reference's search takes ~0.5 s per method on one thread). Measured by benchmarks/quality.py on
-# these layers (CPU, torch 2.13.0+cpu, 2026-11-25): mean gain nf4 +0.56 dB (each layer +0.43 to +0.71), nf4-dq
-# +0.56, fp4 +0.65, int8 +0.1.
+# embeddings; the reference's search takes ~0.5 s per method on one thread). Measured on these layers
+# (benchmarks/results/quality.csv, CPU, torch 2.13.0+cpu, 2026-11-25): mean gain nf4 +0.56 dB (layers +0.43 to
+# +0.71), nf4-dq +0.56 (+0.46 to +0.73), fp4 +0.66 (+0.54 to +0.73), int8 +0.085 (+0.019 to +0.137).
 E2K_MODEL = "model-c2k-turbo"
 # Issue 8's target for NF4 is +0.5 dB over all real weights; these floors leave room for a different subset.
 MEAN_GAIN_FLOOR_DB = {"nf4": 0.45, "nf4-dq": 0.45, "fp4": 0.5, "int8": 0.0}
