@@ -96,7 +96,7 @@ class QuantSpec:
             raise QtoolError(f"not a bitsandbytes quantization_config (quant_method {config.get('quant_method')!r})")
         four = bool(config.get("load_in_4bit") or config.get("_load_in_4bit"))
         by_name = {v: k for k, v in COMPUTE_DTYPES.items()}
-        skip = config.get("llm_int8_skip_modules") or ()
+        skip = config.get("llm_int8_skip_modules") or []
         return cls(
             bits=4 if four else 8,
             quant_type=config.get("bnb_4bit_quant_type", "fp4") if four else "nf4",
