@@ -102,6 +102,38 @@ DP_STEPS = 2**14
 # Relative errors of N(0, 1) bf16 weights, from tests/helpers.py's SQNR means (blocksize 64): a stand-in for
 # measured errors where no weight may be read (``nominal_errors``).
 NOMINAL_SQNR_DB = {"nf4": 20.73, "fp4": 18.28, "int8": 42.59}
+# Bytes a budget keeps back per double-quant layer: its quant-state blob holds the offset's repr, predicted as
+# plan.TYPICAL_OFFSET (19 characters); a positive float32's repr takes at most 23 (e.g. 0.00012345678901234567).
+OFFSET_MARGIN = 8
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A size budget for ``quantize_checkpoint(budget=...)`` and ``footprint(budget=...)``.
+
+    Attributes:
+        bytes: the budget, in bytes of ``measure``, for the whole output (every component, quantized or not).
+        measure: "disk" (tensor bytes written: ``--max-size``), "gpu" (footprint's gpu figure: the loaded weights
+            and the quant states bnb puts beside them: ``--max-vram``) or "memory" (``get_memory_footprint()``).
+        bits: the widths a quantized component may take: (4, 8), or one of them.
+    """
+
+    bytes: int
+    measure: str = "disk"
+    bits: tuple[int, ...] = BITS
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ValueError(f"measure must be one of {MEASURES}, got {self.measure!r}")
+        if not self.bits or not set(self.bits) <= set(BITS):
+            raise ValueError(f"bits must be among {BITS}, got {self.bits}")
+        if self.bytes <= 0:
+            raise QtoolError(f"a budget must be more than 0 bytes, got {self.bytes}")
+
+    @property
+    def text(self) -> str:
+        """E.g. "4.00 GB (disk)"."""
+        return f"{human_size(self.bytes)} ({self.measure})"
 
 
 class FitsUnquantized(QtoolError):
@@ -113,7 +145,7 @@ class FitsUnquantized(QtoolError):
         self.budget = budget
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -623,16 +655,17 @@ def choose(components: list[ComponentCosts], budget: int, *, other_bytes: int = 
     stored = other_bytes + sum(c.size(None) for c in components)
     if stored <= budget:
         raise FitsUnquantized(
-            f"it fits as it is: {_human(stored)} ({measure}) unquantized, within the budget of {_human(budget)}",
-            hint="nothing needs quantizing; drop the budget to quantize anyway",
+            f"it already fits as it is: {human_size(stored)} ({measure}) unquantized, within the budget of "
+            f"{human_size(budget)}; nothing needs quantizing",
+            hint="drop the budget to quantize anyway, or give a smaller one",
             nbytes=stored,
             budget=budget,
         )
     smallest = other_bytes + sum(min(c.size(b) for b in c.bits) for c in components)
     if smallest > budget:
         raise QtoolError(
-            f"the budget of {_human(budget)} ({measure}) is out of reach: the smallest size is {_human(smallest)}, "
-            "with every quantizable layer at its smallest width",
+            f"the budget of {human_size(budget)} ({measure}) is out of reach: the smallest size is "
+            f"{human_size(smallest)}, with every quantizable layer at its smallest width",
             hint="raise the budget, or quantize more components (4-bit with double quant is the smallest method)",
         )
     best: tuple[float, int, tuple[int, ...], list[set[str]]] | None = None
@@ -654,7 +687,7 @@ def choose(components: list[ComponentCosts], budget: int, *, other_bytes: int = 
     error, _, widths, kept = best
     if math.isinf(error):
         raise QtoolError(
-            f"no choice within {_human(budget)} keeps every layer that 8-bit cannot hold (values beyond float16) "
+            f"no choice within {human_size(budget)} keeps every layer that 8-bit cannot hold (values beyond float16) "
             "out of 8-bit",
             hint="raise the budget, or allow only 4-bit",
         )
@@ -664,6 +697,48 @@ def choose(components: list[ComponentCosts], budget: int, *, other_bytes: int = 
         components=[_component_choice(c, b, k) for c, b, k in zip(components, widths, kept, strict=True)],
         other_bytes=other_bytes,
     )
+
+
+def choose_within(components: list[ComponentCosts], budget: Budget, *, other_bytes: int = 0, margin: int = 0) -> Choice:
+    """``choose`` for a Budget, with ``margin`` bytes kept back (``OFFSET_MARGIN`` per double-quant layer: their
+    blobs' lengths are predicted, not known). Nothing needs quantizing (FitsUnquantized) when everything fits the
+    whole budget as stored; a choice fits ``budget.bytes - margin``. The Choice records the whole budget."""
+    stored = other_bytes + sum(c.size(None) for c in components)
+    if stored <= budget.bytes:
+        return choose(components, budget.bytes, other_bytes=other_bytes)  # raises FitsUnquantized
+    try:
+        choice = choose(components, budget.bytes - max(margin, 0), other_bytes=other_bytes)
+    except FitsUnquantized:
+        raise
+    except QtoolError as e:
+        message, hint = e.message, e.hint
+        if margin > 0:
+            message += (
+                f" ({human_size(margin)} of the budget of {human_size(budget.bytes)} kept back for the double-quant "
+                "offsets' text, whose length is known only once written)"
+            )
+        if 4 not in budget.bits:
+            hint = "allow 4-bit too (drop --bits 8), or raise the budget"
+        raise QtoolError(message, hint=hint) from None
+    return replace(choice, budget=budget.bytes)
+
+
+def choose_for_plans(
+    plans: list[ComponentPlan],
+    spec: QuantSpec,
+    budget: Budget,
+    errors: list[dict[str, dict[int, float]]],
+    *,
+    other_bytes: int = 0,
+) -> Choice:
+    """The choice for planned components (``qtool quantize`` and ``qtool footprint`` both come here): their costs
+    in the budget's measure and widths (``component_costs``, with ``errors`` per plan as ``measure_errors`` or
+    ``nominal_errors`` give them), and with double quant ``OFFSET_MARGIN`` bytes per layer kept back
+    (``choose_within``)."""
+    costs = [component_costs(plan, spec, e, budget.measure, budget.bits) for plan, e in zip(plans, errors, strict=True)]
+    layers = sum(len(plan.layers) for plan in plans)
+    margin = OFFSET_MARGIN * layers if spec.double_quant and 4 in budget.bits else 0
+    return choose_within(costs, budget, other_bytes=other_bytes, margin=margin)
 
 
 def _component_choice(costs: ComponentCosts, bits: int, kept: set[str]) -> ComponentChoice:
@@ -707,6 +782,7 @@ def measure_errors(
     options: dict | None = None,
     *,
     allow_nonfinite: bool = False,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[str, dict[int, float]]:
     """Each quantized layer's relative error (noise / signal) at 4-bit and at 8-bit, from one read of its weight.
 
@@ -721,6 +797,7 @@ def measure_errors(
         options: ``quantize_pending``'s keywords for 4-bit (``quantize_options(spec)``: quant_type, double_quant,
             blocksize, scale_search); the 8-bit pass takes those that are not 4-bit-only (scale_search, backend).
         allow_nonfinite: as the run's; otherwise NaN or Inf in a weight raises the run's QtoolError.
+        advance: called with each weight's stored bytes as it is measured (progress).
 
     Returns:
         {fqn: {4: relative error, 8: relative error}}; 8-bit is ``math.inf`` for a weight holding values beyond
@@ -739,6 +816,8 @@ def measure_errors(
 
     def compute(tensors: dict, slot):
         key, weight = next(iter(tensors.items()))
+        if advance is not None:
+            advance(plan.weights.tensors[key].nbytes)
         weight = weight.to(device, non_blocking=True)
         stats = {}
         for bits, opts in ((4, opts4), (8, opts8)):
