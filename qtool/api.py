@@ -29,6 +29,7 @@ from qtool.quality import ComponentQuality, LayerQuality, aggregate
 from qtool.spec import QuantSpec
 
 if TYPE_CHECKING:
+    from qtool.budget import Budget, Choice
     from qtool.io.reader import ComponentWeights
     from qtool.pipeline import PipelineStats
 
@@ -80,7 +81,11 @@ class _Silent:
 class ComponentResult:
     """One quantized component. Bytes are tensor bytes (as safetensors stores them); ``layer_quality``: each
     quantized layer's figures in the plan's order (``qtool.quality``; empty in a dry run), ``quality`` the
-    component's."""
+    component's.
+
+    With a size budget (``quantize_checkpoint(budget=...)``): ``spec`` is the component's own options (None: the
+    run's), ``budget_kept`` the layers the budget keeps 16-bit (counted in ``layers_kept`` too), and ``unquantized``
+    says that it kept them all: the component was copied as it is, with no quantization_config."""
 
     name: str
     class_name: str
@@ -94,19 +99,21 @@ class ComponentResult:
     files: list[str] = field(default_factory=list)
     # What the run measured stage by stage (qtool.pipeline.PipelineStats); None in a dry run.
     pipeline: PipelineStats | None = None
+    spec: QuantSpec | None = None
+    budget_kept: int = 0
+    unquantized: bool = False
 
     @classmethod
     def of_plan(cls, plan: ComponentPlan, bytes_after: int, **measured) -> ComponentResult:
         """The plan's counts, with the bytes written (or predicted) and what a run measured (time, SQNR, files)."""
+        counts = {"layers_quantized": len(plan.layers), "layers_kept": len(plan.kept_linears)}
         return cls(
             name=plan.name,
             class_name=plan.class_name,
             parameters=plan.parameters,
-            layers_quantized=len(plan.layers),
-            layers_kept=len(plan.kept_linears),
             bytes_before=plan.bytes_before,
             bytes_after=bytes_after,
-            **measured,
+            **(counts | measured),
         )
 
     @property
@@ -121,6 +128,10 @@ class ComponentResult:
 
 @dataclass
 class QuantizeResult:
+    """A run (or a dry run's plan). ``spec``: the run's options; with a ``budget``, each component's own are
+    ``spec_of(component)``, and ``choice`` is what the budget chose (from measured errors in a run, from nominal ones
+    in a dry run); ``budget_used``: the output's bytes in the budget's measure, as written (None in a dry run)."""
+
     output: Path
     source: str
     spec: QuantSpec
@@ -131,6 +142,24 @@ class QuantizeResult:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     device: str = ""
+    budget: Budget | None = None
+    choice: Choice | None = None
+    budget_used: int | None = None
+
+    def spec_of(self, component: ComponentResult) -> QuantSpec | None:
+        """The options ``component`` was quantized with (None: a budget left it unquantized)."""
+        return None if component.unquantized else component.spec or self.spec
+
+    def budget_dict(self) -> dict | None:
+        """The budget and its choice (``qtool.budget.Choice.to_dict``), JSON-ready; None without a budget."""
+        if self.budget is None or self.choice is None:
+            return None
+        return {
+            "bits": list(self.budget.bits),
+            "errors": "nominal" if self.dry_run else "measured",
+            "used_bytes": self.budget_used,
+            **self.choice.to_dict(),
+        }
 
     def to_dict(self) -> dict:
         return {
@@ -139,6 +168,7 @@ class QuantizeResult:
             "kind": self.kind,
             "method": self.spec.label,
             "quantization_config": self.spec.quantization_config(),
+            "budget": self.budget_dict(),
             "dry_run": self.dry_run,
             "device": self.device,
             "seconds": round(self.seconds, 3),
@@ -148,9 +178,11 @@ class QuantizeResult:
                 {
                     "name": c.name,
                     "class": c.class_name,
+                    "method": _label(self.spec_of(c)),
                     "parameters": c.parameters,
                     "layers_quantized": c.layers_quantized,
                     "layers_kept": c.layers_kept,
+                    "layers_kept_by_budget": c.budget_kept,
                     "bytes_before": c.bytes_before,
                     "bytes_after": c.bytes_after,
                     "seconds": round(c.seconds, 3),
@@ -178,10 +210,13 @@ class QuantizeResult:
             "method": self.spec.label,
             "settings": settings,
             "quantization_config": self.spec.quantization_config(),
+            "budget": self.budget_dict(),
             "components": [
                 {
                     "name": c.name,
                     "class": c.class_name,
+                    "method": _label(self.spec_of(c)),
+                    "quantization_config": _config(self.spec_of(c)),
                     "quality": _opt_dict(c.quality),
                     "layers": [q.to_dict() for q in c.layer_quality],
                 }
@@ -192,6 +227,14 @@ class QuantizeResult:
 
 def _opt_dict(quality: ComponentQuality | None) -> dict | None:
     return quality.to_dict() if quality is not None else None
+
+
+def _label(spec: QuantSpec | None) -> str | None:
+    return spec.label if spec is not None else None
+
+
+def _config(spec: QuantSpec | None) -> dict | None:
+    return spec.quantization_config() if spec is not None else None
 
 
 def default_output(source: str, suffix: str, local_folder: Path | None = None) -> Path:
@@ -572,6 +615,7 @@ def quantize_checkpoint(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     report: str | os.PathLike | None = None,
+    budget: Budget | None = None,
     progress: Progress | None = None,
 ) -> QuantizeResult:
     """Quantize a local folder or Hub repo (a diffusers pipeline or one model) into a bitsandbytes checkpoint.
@@ -591,6 +635,12 @@ def quantize_checkpoint(
             atomically once the output is in place; a path inside the output is written with the output, before
             it is renamed into place. Refused (before any work) with ``dry_run``, for a folder, inside the input,
             or in a folder that does not exist.
+        budget: fit the output in a size budget (``qtool.budget.Budget``): per component 4-bit (``spec``'s 4-bit
+            options) or 8-bit, and per layer 16-bit, with the least total error (parameters x relative error)
+            that fits; see ``_fit_budget``. The components' weights are read twice: once to measure every layer's
+            error at 4 and 8 bits, once to quantize. A dry run chooses from nominal errors instead (no weight read).
+            Refused before any weight is read when even the smallest choice does not fit, and when nothing needs
+            quantizing (``qtool.budget.FitsUnquantized``).
         progress: receives progress events (bytes read per component).
 
     Returns:
@@ -606,7 +656,8 @@ def quantize_checkpoint(
     local = hub.is_local(source)
     # For a local source, download() only resolves the path (~ expanded) and refuses a file.
     local_folder = hub.download(source, patterns=[]) if local else None
-    out = Path(output).expanduser() if output else default_output(source, spec.label, local_folder)
+    suffix = spec.label + ("-budget" if budget is not None else "")
+    out = Path(output).expanduser() if output else default_output(source, suffix, local_folder)
     report_path = Path(report).expanduser() if report is not None else None
     if report_path is not None and dry_run:
         raise QtoolError("--report and --dry-run conflict", hint="a dry run quantizes nothing to report on")
@@ -615,13 +666,17 @@ def quantize_checkpoint(
     # The report's path inside the output, when it is there (then written with the output).
     report_inside = _check_report(report_path, out, local_folder) if report_path is not None else None
 
+    weights = files = None
     if local_folder is not None:
         folder = local_folder
         plan = plan_folder(folder, spec, components, source=source)
     elif dry_run:
-        folder, plan = plan_remote(source, spec, components, revision=revision, token=token)
+        folder, plan, weights, files = plan_remote(source, spec, components, revision=revision, token=token)
     else:
         patterns = download_patterns(source, revision=revision, token=token, components=components)
+        if budget is not None:  # refuse a budget out of reach (or needless) before downloading the weights
+            _, early, early_weights, early_files = plan_remote(source, spec, components, revision=revision, token=token)
+            _nominal_choice(early, spec, budget, copied_weight_bytes(early.copied, early_weights, early_files))
         folder = hub.download(source, patterns=patterns, revision=revision, token=token, progress=progress.enabled)
         plan = plan_folder(folder, spec, components, source=source)
     result = QuantizeResult(
@@ -633,14 +688,31 @@ def quantize_checkpoint(
         copied=_copied_entries(folder, plan.copied),
         dry_run=dry_run,
         device=device,
+        budget=budget,
     )
+    work: list[tuple[ComponentPlan, QuantSpec | None]] = [(c, spec) for c in plan.components]
+    if budget is not None:
+        if weights is None:
+            from qtool.io.reader import scan_component
+
+            files = hub.list_files(str(folder))
+
+            def weights(name: str) -> ComponentWeights:
+                return scan_component(folder / name)
+
+        other = copied_weight_bytes(result.copied, weights, files)
+        result.choice, work = _fit_budget(
+            plan, spec, budget, other, None if dry_run else device, progress, allow_nonfinite
+        )
     if dry_run:
-        result.components = [ComponentResult.of_plan(c, c.bytes_after(spec)) for c in plan.components]
+        result.components = [_planned(c, s, result.choice) for c, s in work]
         result.seconds = time.perf_counter() - started
         return result
 
     with atomic_output(out, overwrite) as tmp:
-        _write(plan, spec, folder, tmp, device, progress, result, allow_nonfinite)
+        _write(work, folder, tmp, device, progress, result, allow_nonfinite)
+        if result.choice is not None:
+            result.budget_used = _check_budget(result, work)
         provenance = _provenance(source, folder, local_folder is None, revision, plan, spec, result)
         (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
         if report_inside is not None:
@@ -681,6 +753,9 @@ def _provenance(
         "library_name": "diffusers" if plan.kind == "pipeline" else libraries[0],
         "method": spec.label,
         "quantization_config": spec.quantization_config(),
+        # Each component's method (None: a budget left it unquantized); its config.json holds its own config.
+        "methods": {c.name: _label(result.spec_of(c)) for c in result.components},
+        "budget": result.budget_dict(),
         "components": [c.name for c in plan.components],
         "bytes_before": {c.name: c.bytes_before for c in plan.components},
         "quality": {c.name: _opt_dict(c.quality) for c in result.components},
@@ -747,13 +822,152 @@ def _report_into_output(result: QuantizeResult, tmp: Path, inside: Path, report:
 
 
 def _write(
-    plan: Plan, spec: QuantSpec, folder: Path, tmp: Path, device: str, progress, result, allow_nonfinite: bool
+    work: list[tuple[ComponentPlan, QuantSpec | None]],
+    folder: Path,
+    tmp: Path,
+    device: str,
+    progress,
+    result: QuantizeResult,
+    allow_nonfinite: bool,
 ) -> None:
-    for component in plan.components:
+    """Each component quantized with its spec (a budget's None: copied as it is), then the rest copied."""
+    for component, spec in work:
         target = tmp / component.name if component.name else tmp
-        result.components.append(_quantize_component(component, spec, target, device, progress, allow_nonfinite))
+        if spec is None:
+            assert component.name, "a model is never left whole by a budget (it would fit as it is)"
+            _copy_entry(component.folder, target)
+            result.components.append(_budgeted(component, None, result.choice, None))
+            continue
+        done = _quantize_component(component, spec, target, device, progress, allow_nonfinite)
+        result.components.append(_budgeted(component, spec, result.choice, done) if result.choice else done)
     for name in result.copied:
         _copy_entry(folder / name, tmp / name)
+
+
+def _budgeted(
+    plan: ComponentPlan, spec: QuantSpec | None, choice: Choice, done: ComponentResult | None
+) -> ComponentResult:
+    """A component's result with what the budget chose for it: its spec and the layers it keeps 16-bit; for a
+    component left unquantized, a result of its own (nothing quantized, every Linear kept, stored as it was)."""
+    (chosen,) = [c for c in choice.components if c.name == plan.name]
+    if spec is None:
+        return ComponentResult.of_plan(
+            plan, plan.bytes_before, layers_quantized=0, layers_kept=len(plan.layers) + len(plan.kept_linears),
+            budget_kept=len(chosen.kept), unquantized=True,
+        )  # fmt: skip
+    return dataclasses.replace(done, spec=spec, budget_kept=len(chosen.kept))
+
+
+def _planned(plan: ComponentPlan, spec: QuantSpec | None, choice: Choice | None) -> ComponentResult:
+    """A dry run's component: the plan's counts and the predicted bytes."""
+    result = None if spec is None else ComponentResult.of_plan(plan, plan.bytes_after(spec))
+    return _budgeted(plan, spec, choice, result) if choice is not None else result
+
+
+def copied_weight_bytes(names: list[str], weights: Callable[[str], ComponentWeights], files: list[str]) -> int:
+    """Tensor bytes of the root folders among ``names`` (pipeline components copied as they are: a budget counts them
+    beside the quantized ones), from their safetensors headers (``weights(name)``); a file, or a folder holding no
+    weight file (scheduler, tokenizer), counts 0. ``files``: the checkpoint's file listing.
+
+    Raises:
+        QtoolError: a folder holds weights that are not safetensors, whose size qtool does not read.
+    """
+    total = 0
+    for name in names:
+        if not any(f.startswith(name + "/") and f.endswith(WEIGHT_SUFFIXES) for f in files):
+            continue
+        try:
+            total += weights(name).total_bytes
+        except QtoolError as e:
+            raise QtoolError(
+                f"a budget counts every component's tensors, but those of {name} cannot be counted: {e.message}",
+                hint="convert that component to safetensors, or quantize without a budget",
+            ) from e
+    return total
+
+
+def _fit_budget(
+    plan: Plan,
+    spec: QuantSpec,
+    budget: Budget,
+    other_bytes: int,
+    device: str | None,
+    progress: Progress,
+    allow_nonfinite: bool,
+) -> tuple[Choice, list[tuple[ComponentPlan, QuantSpec | None]]]:
+    """What a size budget chooses (``qtool.budget``), and each component's plan and spec for it.
+
+    First from nominal errors (``nominal_errors``: headers only), so that the refusals (nothing fits; everything fits
+    as stored) come before any weight is read; a dry run (``device`` None) stops there. Then every quantizable layer
+    is measured at 4 and 8 bits (``measure_errors``: one more read of the weights to quantize, shown as progress) and
+    the choice is made again from those errors. With double quant, ``OFFSET_MARGIN`` bytes per layer are kept back
+    (the blobs' lengths are known only once written; ``_check_budget`` checks the written bytes). A component whose
+    skip list the budget extends is planned again with it, and that plan must quantize exactly the layers the budget
+    did not keep (checked: a mismatch is a bug, refused before anything is written).
+    """
+    from qtool import budget as fit
+    from qtool.io.reader import TensorReader
+    from qtool.plan import plan_component
+
+    choice = _nominal_choice(plan, spec, budget, other_bytes)
+    if device is not None:
+        errors = []
+        for c in plan.components:
+            total = sum(c.weights.tensors[key].nbytes for key in c.layers)
+            progress.start(f"{c.name or c.class_name}: error at 4 and 8 bits", total)
+            with TensorReader(c.weights, threads=READ_THREADS[device]) as reader:
+                options = fit.quantize_options(spec)
+                errors.append(
+                    fit.measure_errors(
+                        c, reader, device, options, allow_nonfinite=allow_nonfinite, advance=progress.advance
+                    )
+                )
+            progress.finish()
+        choice = fit.choose_for_plans(plan.components, spec, budget, errors, other_bytes=other_bytes)
+    specs = choice.specs(spec)
+    work = []
+    for c, chosen in zip(plan.components, choice.components, strict=True):
+        own = specs[c.name]
+        if own is not None and own.skip != spec.skip:
+            again = plan_component(c.name, c.folder, c.weights, own)
+            if {x.fqn for x in again.layers.values()} != {x.fqn for x in c.layers.values()} - set(chosen.kept):
+                raise QtoolError(
+                    f"{c.name or c.class_name}: the skip list chosen for the budget does not keep exactly the chosen "
+                    "layers",
+                    hint="this is a qtool bug: please report it with the output of `qtool env`; nothing was written",
+                )
+            c = again
+        work.append((c, own))
+    return choice, work
+
+
+def _nominal_choice(plan: Plan, spec: QuantSpec, budget: Budget, other_bytes: int) -> Choice:
+    """The choice from nominal errors (headers only): what a dry run shows, and the refusals before any read."""
+    from qtool import budget as fit
+
+    errors = [fit.nominal_errors(c, spec) for c in plan.components]
+    return fit.choose_for_plans(plan.components, spec, budget, errors, other_bytes=other_bytes)
+
+
+def _check_budget(result: QuantizeResult, work: list[tuple[ComponentPlan, QuantSpec | None]]) -> int:
+    """The output's bytes in the budget's measure, as written: the choice's prediction plus what the double-quant
+    blobs' real lengths add to it (disk and gpu count the blobs, memory does not). Refused, before the output is
+    renamed into place, if that exceeds the budget (``OFFSET_MARGIN`` makes it impossible)."""
+    from qtool.budget import human_size
+
+    deviation = 0
+    if result.budget.measure != "memory":
+        for (plan, spec), done in zip(work, result.components, strict=True):
+            if spec is not None:
+                deviation += done.bytes_after - plan.bytes_after(spec)
+    used = result.choice.bytes + deviation
+    if used > result.budget.bytes:
+        raise QtoolError(
+            f"the output came to {human_size(used)} ({result.budget.measure}), over the budget of "
+            f"{human_size(result.budget.bytes)}",
+            hint="this is a qtool bug: please report it with the output of `qtool env`; nothing was written",
+        )
+    return used
 
 
 def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -871,7 +1085,8 @@ def headers_only(
 
 
 def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, revision=None, token=None):
-    """Plan a Hub repo from its JSON files and safetensors headers only: what --dry-run needs."""
+    """Plan a Hub repo from its JSON files and safetensors headers only: what --dry-run needs. Returns the folder of
+    its JSON files, the plan, and ``headers_only``'s component headers function and file list."""
     from qtool.plan import pipeline_components, read_json
 
     folder, weights, files = headers_only(source, revision=revision, token=token)
@@ -884,4 +1099,4 @@ def plan_remote(source: str, spec: QuantSpec, components: list[str] | None, *, r
         chosen = {c.name for c in plan.components}
         folders = {f.split("/")[0] for f in files if "/" in f and f.split("/")[0] in available}
         plan.copied = sorted({"model_index.json"} | (folders - chosen))
-    return folder, plan
+    return folder, plan, weights, files

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qtool.errors import QtoolError
 from qtool.formats.layers import quant_state_keys, quantized_layers
@@ -50,6 +51,9 @@ from qtool.plan import (
 )
 from qtool.quality import ComponentQuality
 from qtool.spec import QuantSpec
+
+if TYPE_CHECKING:
+    from qtool.budget import Budget, Choice
 
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -135,6 +139,12 @@ class Footprint:
     gpu_memory: int | None = None
     # Why a quantized checkpoint shows no quality figures ("" when it does, or is not quantized).
     quality_note: str = ""
+    # What a size budget would choose (qtool.budget.Choice, from nominal errors), and each component's method in it
+    # (None: left as stored); no choice and a note when everything fits as it is.
+    budget: Budget | None = None
+    choice: Choice | None = None
+    budget_methods: dict[str, str | None] = field(default_factory=dict)
+    budget_note: str = ""
 
     def total(self, method: str | None = None) -> Size | None:
         """The whole checkpoint's size after ``method`` (None: as stored); None if a component's size is unknown."""
@@ -160,6 +170,21 @@ class Footprint:
             "components": [c.to_dict(self.methods, self.gpu_memory, self.method) for c in self.components],
             "total": total,
             "quality_note": self.quality_note,
+            "budget": self.budget_dict(),
+        }
+
+    def budget_dict(self) -> dict | None:
+        if self.budget is None:
+            return None
+        return {
+            "measure": self.budget.measure,
+            "budget_bytes": self.budget.bytes,
+            "bits": list(self.budget.bits),
+            "errors": "nominal",
+            "fits_as_is": self.choice is None,
+            "note": self.budget_note,
+            "methods": self.budget_methods,
+            "choice": self.choice.to_dict() if self.choice is not None else None,
         }
 
 
@@ -294,6 +319,7 @@ def footprint(
     revision: str | None = None,
     token: str | None = None,
     gpu_memory: int | None = None,
+    budget: Budget | None = None,
 ) -> Footprint:
     """Sizes of a checkpoint before and after quantization (or, if it is quantized, as it is), from headers only.
 
@@ -304,12 +330,13 @@ def footprint(
         components: the pipeline components to quantize (default: transformer and text_encoder_2, as quantize).
         revision, token: for Hub sources (a token reaches gated repos).
         gpu_memory: the GPU's memory in bytes, to say whether each component and the whole checkpoint fit.
+        budget: also say what ``qtool quantize`` would choose for this size budget (``_budget_choice``).
     """
     from qtool.api import headers_only
 
     spec = spec or QuantSpec()
     source = str(source)
-    folder, weights, _ = headers_only(source, revision=revision, token=token)
+    folder, weights, files = headers_only(source, revision=revision, token=token)
     specs = methods_for(spec)
     if (folder / "model_index.json").exists():
         kind = "pipeline"
@@ -339,6 +366,12 @@ def footprint(
             "actual sizes, and --components chooses what to quantize",
             hint="drop --components",
         )
+    if quantized and budget is not None:
+        raise QtoolError(
+            f"{source} is already quantized ({', '.join(n or 'the model' for n in quantized)}): a budget applies to "
+            "a checkpoint not yet quantized",
+            hint="point footprint at the original checkpoint",
+        )
 
     plans = [plan_component(name, folder / name, weights(name), spec) for name in chosen]
     check_skips(plans, spec)
@@ -360,7 +393,7 @@ def footprint(
         methods = []
     else:
         method, methods = spec.label, list(specs)
-    return Footprint(
+    result = Footprint(
         source=source,
         kind=kind,
         quantized=bool(quantized),
@@ -369,4 +402,34 @@ def footprint(
         components=rows,
         gpu_memory=gpu_memory,
         quality_note=quality_note,
+        budget=budget,
     )
+    if budget is not None:
+        if kind == "pipeline" and files is None:  # a local folder: quantize copies every other folder
+            from qtool import hub
+
+            copied = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in chosen)
+            files = hub.list_files(str(folder))
+        else:  # a repo: the component folders quantize downloads
+            copied = [name for name in available if name not in chosen] if kind == "pipeline" else []
+        _budget_choice(result, plans, spec, budget, copied, weights, files or [])
+    return result
+
+
+def _budget_choice(result: Footprint, plans: list[ComponentPlan], spec: QuantSpec, budget: Budget, copied, weights,
+                   files) -> None:  # fmt: skip
+    """What ``qtool quantize`` would choose for ``budget`` (``qtool.budget.choose_for_plans``, as quantize calls it):
+    from nominal errors (``nominal_errors``: Gaussian weights), since footprint reads no weight, with the folders
+    quantize copies as they are (``copied``) counted beside. Everything fitting as stored is no error here: the
+    note says so."""
+    from qtool.api import copied_weight_bytes
+    from qtool.budget import FitsUnquantized, choose_for_plans, nominal_errors
+
+    other = copied_weight_bytes(copied, weights, files)
+    errors = [nominal_errors(plan, spec) for plan in plans]
+    try:
+        result.choice = choose_for_plans(plans, spec, budget, errors, other_bytes=other)
+    except FitsUnquantized as e:
+        result.budget_note = e.message
+        return
+    result.budget_methods = {c.name: c.spec(spec).label if c.bits else None for c in result.choice.components}

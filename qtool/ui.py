@@ -7,6 +7,7 @@ by Rich itself.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from rich.console import Console
@@ -73,10 +74,14 @@ def print_json(data: dict) -> None:
 
 def print_quantize_result(result) -> None:
     """The summary table of `qtool quantize` (a qtool.api.QuantizeResult) on stdout."""
-    title = f"{'Plan' if result.dry_run else 'Quantized'} {result.source} -> {result.spec.label}"
-    table = Table(title=title)
-    for column in ("component", "class", "params", "Linear quantized / kept", "before", "after", "x smaller"):
-        table.add_column(column, justify="left" if column in ("component", "class") else "right")
+    budget = result.choice is not None
+    target = f"a budget of {result.budget.text}" if budget else result.spec.label
+    table = Table(title=f"{'Plan' if result.dry_run else 'Quantized'} {result.source} -> {target}")
+    columns = ["component", "class", "params", "Linear quantized / kept", "before", "after", "x smaller"]
+    if budget:
+        columns[2:2] = ["method", "16-bit by budget"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("component", "class", "method") else "right")
     if not result.dry_run:
         table.add_column("time", justify="right")
     for c in result.components:
@@ -89,11 +94,16 @@ def print_quantize_result(result) -> None:
             ("~" if result.dry_run else "") + human_bytes(c.bytes_after),
             f"{c.compression:.2f}",
         ]
+        if budget:
+            spec = result.spec_of(c)
+            row[2:2] = [spec.label if spec else "as stored", str(c.budget_kept)]
         if not result.dry_run:
             row.append(f"{c.seconds:.1f} s")
         table.add_row(*row)
     console = out_console()
     console.print(table)
+    if budget:
+        _print_budget_line(console, result)
     if not result.dry_run:
         print_quality(console, [(c.name, c.quality) for c in result.components], "measured in this run")
         worst = [(c.name, q) for c in result.components for q in quality.worst(c.layer_quality)]
@@ -108,6 +118,31 @@ def print_quantize_result(result) -> None:
             f"wrote {result.output} in {result.seconds:.1f} s on {result.device} "
             f"(peak host memory {human_bytes(result.peak_rss_bytes)})"
         )
+
+
+def _objective(choice) -> str:
+    """A Choice's objective as the summary states it: the parameter-weighted relative error, and in dB."""
+    db = "" if choice.relative_error <= 0 else f" ({10 * math.log10(1 / choice.relative_error):.1f} dB)"
+    return f"{choice.relative_error:.3g}{db}"
+
+
+def _print_budget_line(console: Console, result) -> None:
+    """What a budget chose in `qtool quantize`: the bytes against the budget, the objective, and how it was chosen."""
+    choice, budget = result.choice, result.budget
+    others = f", {human_bytes(choice.other_bytes)} of it copied as it is" if choice.other_bytes else ""
+    widths = " or ".join(f"{b}-bit" for b in budget.bits)
+    if result.dry_run:
+        console.print(
+            f"estimate: ~{human_bytes(choice.bytes)} of {human_bytes(budget.bytes)} ({budget.measure}){others}; "
+            f"error {_objective(choice)}. Chosen from nominal errors (those of Gaussian weights: no weight was "
+            "read); the run measures every layer's error first and may choose other layers."
+        )
+        return
+    console.print(
+        f"budget: {human_bytes(result.budget_used)} of {human_bytes(budget.bytes)} ({budget.measure}){others}. "
+        f"Per component {widths} and per layer 16-bit, for the least sum of parameters x relative error: "
+        f"{_objective(choice)} over the quantizable layers, as measured (one more read of their weights)."
+    )
 
 
 def _db(x: float | None) -> str:
@@ -225,6 +260,33 @@ def print_footprint(result) -> None:
     print_quality(console, [(c.name, c.quality) for c in result.components], "recorded in qtool.json")
     if result.quality_note:
         console.print(result.quality_note)
+    if result.budget is not None:
+        _print_footprint_budget(console, result)
+
+
+def _print_footprint_budget(console: Console, result) -> None:
+    """What a budget would choose (`qtool footprint --max-size/--max-vram`), per component, and how it was chosen."""
+    budget, choice = result.budget, result.choice
+    if choice is None:
+        console.print(f"budget: {result.budget_note}")  # it fits as it is
+        return
+    quantizable = {c.name: c.layers_quantized for c in result.components}
+    table = Table(title=f"What a budget of {budget.text} would choose (estimate)")
+    for column in ("component", "method", "Linear quantized / 16-bit by budget", budget.measure):
+        table.add_column(column, justify="left" if column in ("component", "method") else "right")
+    for c in choice.components:
+        kept = len(c.kept)
+        method = result.budget_methods.get(c.name) or "as stored"
+        table.add_row(c.name or "(model)", method, f"{quantizable[c.name] - kept} / {kept}", human_bytes(c.bytes))
+    if choice.other_bytes:
+        table.add_row("the others", "as stored", "", human_bytes(choice.other_bytes))
+    table.add_row("total", "", "", human_bytes(choice.bytes), style="bold")
+    console.print(table)
+    console.print(
+        f"Parameter-weighted relative error {_objective(choice)}, nominal: chosen from the errors of Gaussian "
+        "weights, as the headers say nothing of the weights, which settles the widths and sizes but not which "
+        "layers. `qtool quantize` with the same budget measures every layer's error first and chooses from those."
+    )
 
 
 def _params(n: int | None) -> str:

@@ -508,11 +508,12 @@ def test_a_refusal_on_a_repo_comes_before_downloading_weights(
 
 
 RESULT_TYPES = {"output": str, "source": str, "kind": str, "method": str, "quantization_config": dict,
-                "dry_run": bool, "device": str, "seconds": float, "peak_rss_bytes": int, "copied": list,
-                "components": list}  # fmt: skip
-COMPONENT_TYPES = {"name": str, "class": str, "parameters": int, "layers_quantized": int, "layers_kept": int,
-                   "bytes_before": int, "bytes_after": int, "seconds": float, "quality": (dict, type(None)),
-                   "files": list, "pipeline": (dict, type(None))}  # fmt: skip
+                "budget": (dict, type(None)), "dry_run": bool, "device": str, "seconds": float, "peak_rss_bytes": int,
+                "copied": list, "components": list}  # fmt: skip
+COMPONENT_TYPES = {"name": str, "class": str, "method": (str, type(None)), "parameters": int, "layers_quantized": int,
+                   "layers_kept": int, "layers_kept_by_budget": int, "bytes_before": int, "bytes_after": int,
+                   "seconds": float, "quality": (dict, type(None)), "files": list,
+                   "pipeline": (dict, type(None))}  # fmt: skip
 FIGURE = (float, type(None))
 QUALITY_TYPES = {"layers": int, "layers_nonfinite": int, "sqnr_mean_db": FIGURE, "sqnr_min_db": FIGURE,
                  "sqnr_db": FIGURE, "rel_fro": FIGURE, "max_abs_err": FIGURE, "extreme_share": FIGURE}  # fmt: skip
@@ -523,8 +524,8 @@ STAGES = ["wall", "read", "compute", "wait", "write", "starved", "finish", "veri
 
 def check_schema(data: dict) -> None:
     assert list(data) == list(RESULT_TYPES)
-    for key, kind in RESULT_TYPES.items():
-        assert type(data[key]) is kind, key  # exact: a bool is not an int here
+    for key, kinds in RESULT_TYPES.items():
+        assert type(data[key]) in (kinds if isinstance(kinds, tuple) else (kinds,)), key  # exact: a bool is no int
     assert all(type(name) is str for name in data["copied"])
     for component in data["components"]:
         assert list(component) == list(COMPONENT_TYPES)
@@ -657,7 +658,7 @@ def test_the_report_file_has_the_settings_and_every_layer(tiny_flux_nf4, model_c
     result = api.quantize_checkpoint(model_copy, spec=spec, output=tmp_path / "out", device="cpu", report=report)
     data = json.loads(report.read_text())
     assert list(data) == ["report_version", "qtool_version", "source", "output", "device", "method", "settings",
-                          "quantization_config", "components"]  # fmt: skip
+                          "quantization_config", "budget", "components"]  # fmt: skip
     assert (data["report_version"], data["source"], data["output"], data["device"], data["method"]) == (
         1, str(model_copy), str(tmp_path / "out"), "cpu", "nf4-dq",
     )  # fmt: skip
@@ -665,8 +666,10 @@ def test_the_report_file_has_the_settings_and_every_layer(tiny_flux_nf4, model_c
                                 "compute_dtype": "bf16", "skip": ["wi_0"], "threshold": 6.0,
                                 "scale_search": True}  # fmt: skip
     assert data["quantization_config"] == spec.quantization_config()
+    assert data["budget"] is None
     (component,) = data["components"]
-    assert (component["name"], component["class"]) == ("", "T5EncoderModel")
+    assert (component["name"], component["class"], component["method"]) == ("", "T5EncoderModel", "nf4-dq")
+    assert component["quantization_config"] == spec.quantization_config()
     assert len(component["layers"]) == result.components[0].layers_quantized == component["quality"]["layers"] == 10
     assert list(component["layers"][0]) == ["key", "shape", "method", "status", "sqnr_db", "rel_fro", "max_abs_err",
                                             "extreme_share", "elements", "extreme", "signal", "noise"]  # fmt: skip

@@ -30,7 +30,16 @@ TokenOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of a table.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; print only the output path.")]
-BitsOpt = Annotated[int, typer.Option("--bits", help="4 (NF4/FP4, QLoRA-style) or 8 (LLM.int8).")]
+# None stands for 4, except with a budget, where it lets the budget choose 4 or 8 per component.
+BitsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--bits",
+        help="4 (NF4/FP4, QLoRA-style) or 8 (LLM.int8). Default: 4; with --max-size/--max-vram, the budget picks 4 or "
+        "8 per component unless --bits names the one width it may use (beside 16-bit layers).",
+        show_default=False,
+    ),
+]
 Nf4Opt = Annotated[bool, typer.Option("--nf4", help="4-bit NormalFloat codes (the default 4-bit type).")]
 Fp4Opt = Annotated[bool, typer.Option("--fp4", help="4-bit floating-point codes instead of NF4.")]
 DoubleQuantOpt = Annotated[
@@ -53,6 +62,45 @@ SkipOpt = Annotated[
         help="Module name to keep in 16-bit (repeatable), matched as diffusers/transformers do.",
     ),
 ]
+
+
+MaxSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-size",
+        metavar="SIZE",
+        help="Size budget for the output's tensors on disk, every component counted (e.g. 7GB, 6.5GiB, 500MB): per "
+        "quantized component 4-bit or 8-bit (one component cannot mix the two and load), and per layer 16-bit (added "
+        "to llm_int8_skip_modules), for the least sum of parameters x relative error that fits. --nf4/--fp4/"
+        "--double-quant/--blocksize set the 4-bit method, --scale-search applies to both widths, --bits allows "
+        "one width only.",
+        show_default=False,
+    ),
+]
+MaxVramOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-vram",
+        metavar="SIZE",
+        help="As --max-size, for the GPU memory the loaded weights take: get_memory_footprint() plus the quant "
+        "states bitsandbytes keeps beside it (footprint's --gpu-memory figure; activations not counted).",
+        show_default=False,
+    ),
+]
+
+
+def make_budget(max_size: str | None, max_vram: str | None, bits: int | None):
+    """The qtool.budget.Budget that --max-size or --max-vram ask for (None without either): --bits, if given, is the
+    one width allowed."""
+    if max_size is not None and max_vram is not None:
+        raise QtoolError("--max-size and --max-vram conflict", hint="give one budget: disk (--max-size) or GPU memory")
+    if max_size is None and max_vram is None:
+        return None
+    from qtool.budget import Budget
+    from qtool.footprint import parse_size
+
+    measure, text = ("disk", max_size) if max_size is not None else ("gpu", max_vram)
+    return Budget(parse_size(text), measure, (bits,) if bits in (4, 8) else (4, 8))
 
 
 class Device(str, Enum):

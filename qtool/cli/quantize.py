@@ -15,6 +15,8 @@ from qtool.cli._options import (
     DoubleQuantOpt,
     Fp4Opt,
     JsonOpt,
+    MaxSizeOpt,
+    MaxVramOpt,
     Nf4Opt,
     OverwriteOpt,
     QuietOpt,
@@ -24,6 +26,7 @@ from qtool.cli._options import (
     TokenOpt,
     check_method_flags,
     check_output_flags,
+    make_budget,
     split_components,
 )
 from qtool.cli.push import PrivateOpt
@@ -36,6 +39,8 @@ QUANTIZE_EXAMPLES = [
     "qtool quantize ./tiny-flux --components transformer --skip proj_out --json",
     "qtool quantize ./tiny-flux --nf4 --double-quant --scale-search",
     "qtool quantize ./tiny-flux --bits 8 --report int8-quality.json",
+    "qtool quantize black-forest-labs/FLUX.1-dev --max-size 9GB --double-quant",
+    "qtool quantize ./tiny-flux --max-vram 4MB --dry-run",
 ]
 
 
@@ -47,7 +52,7 @@ class ComputeDtype(str, Enum):
 
 def quantize(
     source: SourceArg,
-    bits: BitsOpt = 4,
+    bits: BitsOpt = None,
     nf4: Nf4Opt = False,
     fp4: Fp4Opt = False,
     double_quant: DoubleQuantOpt = False,
@@ -59,6 +64,8 @@ def quantize(
     ] = ComputeDtype.bf16,
     components: ComponentsOpt = None,
     skip: SkipOpt = None,
+    max_size: MaxSizeOpt = None,
+    max_vram: MaxVramOpt = None,
     threshold: Annotated[
         float, typer.Option("--threshold", help="LLM.int8 outlier threshold recorded for 8-bit inference.")
     ] = 6.0,
@@ -98,7 +105,12 @@ def quantize(
     token: TokenOpt = None,
     device: DeviceOpt = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan and sizes; download weights and write nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the plan and sizes; download weights and write nothing. With a budget, what it would choose "
+            "from nominal errors (an estimate: a run measures every layer's error first).",
+        ),
     ] = False,
     push_to: Annotated[
         str | None,
@@ -115,9 +127,14 @@ def quantize(
     overwrite: OverwriteOpt = False,
     allow_nonfinite: AllowNonfiniteOpt = False,
 ) -> None:
-    """Quantize a diffusers pipeline or a model to bitsandbytes 4-bit / 8-bit, loadable with no extra arguments."""
+    """Quantize a diffusers pipeline or a model to bitsandbytes 4-bit / 8-bit, loadable with no extra arguments.
+
+    With --max-size or --max-vram, the output fits the budget with the least error: the weights are read twice, first
+    to measure every quantizable layer's error at 4 and 8 bits, then to quantize.
+    """
     check_method_flags(bits, nf4, fp4, double_quant)
     check_output_flags(json_output, quiet)
+    budget = make_budget(max_size, max_vram, bits)
     if push_to and dry_run:
         raise QtoolError("--push-to and --dry-run conflict", hint="a dry run writes nothing to push")
     if private and not push_to:
@@ -131,7 +148,7 @@ def quantize(
     from qtool.spec import QuantSpec
 
     spec = QuantSpec(
-        bits=bits,
+        bits=bits or 4,
         quant_type="fp4" if fp4 else "nf4",
         double_quant=double_quant,
         blocksize=blocksize,
@@ -152,6 +169,7 @@ def quantize(
         overwrite=overwrite,
         allow_nonfinite=allow_nonfinite,
         report=report,
+        budget=budget,
         progress=ui.RichProgress(enabled=not (quiet or json_output)),
     )
     pushed = None

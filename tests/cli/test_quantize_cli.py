@@ -61,7 +61,8 @@ def test_defaults_are_nf4_bf16_and_auto_device():
     assert kwargs["spec"].quantization_config()["bnb_4bit_compute_dtype"] == "bfloat16"
     assert kwargs | {"spec": None, "progress": None} == {
         "spec": None, "components": None, "output": None, "revision": None, "token": None, "device": None,
-        "dry_run": False, "overwrite": False, "allow_nonfinite": False, "report": None, "progress": None,
+        "dry_run": False, "overwrite": False, "allow_nonfinite": False, "report": None, "budget": None,
+        "progress": None,
     }  # fmt: skip
 
 
@@ -79,6 +80,25 @@ def test_every_flag_reaches_the_api():
     assert kwargs["components"] == ["transformer", "text_encoder_2"]
     assert (kwargs["output"], kwargs["revision"], kwargs["token"], kwargs["device"]) == ("out", "v1", "hf_x", "cpu")
     assert kwargs["dry_run"] and kwargs["overwrite"] and kwargs["allow_nonfinite"] and kwargs["report"] == "q.json"
+
+
+def test_a_budget_reaches_the_api():
+    """--max-size is a disk budget, --max-vram a GPU one (sizes as footprint's --gpu-memory reads them); without
+    --bits the budget may use both widths, with it only that one; the 4-bit flags stay the spec's."""
+    from qtool.budget import Budget
+
+    outcome, api = invoke("src", "--max-size", "7GB", "--double-quant", "--scale-search")
+    assert outcome.exit_code == 0, outcome.output
+    kwargs = api.call_args.kwargs
+    assert kwargs["budget"] == Budget(7 * 10**9, "disk", (4, 8))
+    assert kwargs["spec"] == QuantSpec(double_quant=True, scale_search=True)
+    outcome, api = invoke("src", "--max-vram", "6.5GiB", "--bits", "8")
+    assert outcome.exit_code == 0, outcome.output
+    assert api.call_args.kwargs["budget"] == Budget(int(6.5 * 2**30), "gpu", (8,))
+    assert api.call_args.kwargs["spec"] == QuantSpec(bits=8)
+    outcome, api = invoke("src", "--max-size", "500MB", "--bits", "4", "--fp4")
+    assert api.call_args.kwargs["budget"] == Budget(500 * 10**6, "disk", (4,))
+    assert api.call_args.kwargs["spec"] == QuantSpec(quant_type="fp4")
 
 
 def cells(stdout: str, first: str, after: str = "") -> list[str]:
@@ -146,6 +166,14 @@ CONFLICTS = [
     (["--threshold", "nan"], "--threshold must be a finite number >= 0, got nan", THRESHOLD_HINT),
     (["--threshold", "inf"], "--threshold must be a finite number >= 0, got inf", THRESHOLD_HINT),
     (["--threshold", "-1"], "--threshold must be a finite number >= 0, got -1.0", THRESHOLD_HINT),
+    (["--max-size", "7GB", "--max-vram", "7GB"], "--max-size and --max-vram conflict",
+     "give one budget: disk (--max-size) or GPU memory"),
+    (["--max-size", "lots"], "cannot read 'lots' as a memory size",
+     "write it like 24GB, 24GiB, 7.5GB or 16000MB (GB = 10^9 bytes)"),
+    (["--max-vram", "0GB"], "cannot read '0GB' as a memory size",
+     "write it like 24GB, 24GiB, 7.5GB or 16000MB (GB = 10^9 bytes)"),
+    (["--max-size", "7GB", "--bits", "8", "--double-quant"], "--bits 8 and --double-quant conflict",
+     f"--double-quant {FOUR_BIT_ONLY}"),
 ]  # fmt: skip
 
 
@@ -185,9 +213,10 @@ def test_help_states_defaults_and_examples():
     """--help shows every default and the examples."""
     outcome = runner.invoke(app, ["quantize", "--help"])
     assert outcome.exit_code == 0
-    for text in ("[default: 4]", "[default: 64]", "[default: bf16]", "[default: 6.0]", "transformer,text_encoder_2",
-                 "qtool quantize black-forest-labs/FLUX.1-dev --bits 4 --nf4 --double-quant"):  # fmt: skip
-        assert text in outcome.stdout
+    text = " ".join(outcome.stdout.split())
+    for shown in ("Default: 4;", "[default: 64]", "[default: bf16]", "[default: 6.0]", "transformer,text_encoder_2",
+                  "qtool quantize black-forest-labs/FLUX.1-dev --bits 4 --nf4 --double-quant"):  # fmt: skip
+        assert shown in text, shown
 
 
 # End to end: the real API on tiny_flux (tests/conftest.py), every flag and every error the command prints.
