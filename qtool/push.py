@@ -79,13 +79,17 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
     if library is None:  # a folder qtool did not write: a pipeline is diffusers'; a model says in its config
         config_path = folder / "config.json"
         library = "diffusers" if sizes.kind == "pipeline" else detect_library(read_json(config_path), config_path)[0]
-    configs = [c.quantization["quantization_config"] for c in sizes.components if c.quantization]
-    config = configs[0]
-    four = bool(config.get("load_in_4bit") or config.get("_load_in_4bit"))
-    quant_type = config.get("bnb_4bit_quant_type", "fp4") if four else "int8"
-    tags = ["bitsandbytes", "4-bit" if four else "8-bit", quant_type, "qtool"]
-    if four and config.get("bnb_4bit_use_double_quant"):
-        tags.insert(3, "double-quant")
+    quantized = [c for c in sizes.components if c.quantization]
+    configs = [c.quantization["quantization_config"] for c in quantized]
+    # A size budget (qtool quantize --max-size) can give components different methods: the card names each.
+    tags, kinds = ["bitsandbytes"], []
+    for config in configs:
+        four = bool(config.get("load_in_4bit") or config.get("_load_in_4bit"))
+        quant_type = config.get("bnb_4bit_quant_type", "fp4") if four else "int8"
+        double = four and bool(config.get("bnb_4bit_use_double_quant"))
+        tags += ["4-bit" if four else "8-bit", quant_type] + (["double-quant"] if double else [])
+        kinds.append("4-bit " + quant_type.upper() if four else "8-bit LLM.int8")
+    tags = list(dict.fromkeys([*tags, "qtool"]))
     metadata: dict = {"library_name": library, "tags": tags}
     if base_model:
         metadata |= {"base_model": base_model, "base_model_relation": "quantized"}
@@ -118,7 +122,11 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
             f"{n or 'model'} {ui.human_bytes(before[n])} -> {ui.human_bytes(after[n])}" for n in before if n in after
         )
         rows.append(f"\nQuantized components before and after (tensor bytes): {shrink}.")
-    settings = json.dumps(config, indent=2, sort_keys=True)
+    if all(config == configs[0] for config in configs):
+        settings = json.dumps(configs[0], indent=2, sort_keys=True)
+    else:
+        by_name = {c.name: config for c, config in zip(quantized, configs, strict=True)}
+        settings = json.dumps(by_name, indent=2, sort_keys=True)
     version = f" {provenance['qtool_version']}" if provenance.get("qtool_version") else ""
     if library == "diffusers" and sizes.kind == "pipeline":
         snippet = (
@@ -139,7 +147,7 @@ def model_card(folder: Path, repo_id: str, base_model: str | None = None) -> str
         )
     body = f"""# {name}
 
-{sizes.method} ({"4-bit " + quant_type.upper() if four else "8-bit LLM.int8"}) quantization of {source_line}, in
+{sizes.method} ({", ".join(dict.fromkeys(kinds))}) quantization of {source_line}, in
 the bitsandbytes format: diffusers and transformers load it with `bitsandbytes` installed and no quantization
 arguments. Written by qtool{version}.
 
