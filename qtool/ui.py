@@ -76,6 +76,8 @@ def print_quantize_result(result) -> None:
     """The summary table of `qtool quantize` (a qtool.api.QuantizeResult) on stdout."""
     budget = result.choice is not None
     target = f"a budget of {result.budget.text}" if budget else result.spec.label
+    if result.spec.scale_search:
+        target += ", scale search"
     table = Table(title=f"{'Plan' if result.dry_run else 'Quantized'} {result.source} -> {target}")
     columns = ["component", "class", "params", "Linear quantized / kept", "before", "after", "x smaller"]
     if budget:

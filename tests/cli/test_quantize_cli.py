@@ -481,3 +481,21 @@ def test_installed_entry_point(tiny_flux, tmp_path):
     run = subprocess.run([qtool_script, "quantize", tiny_flux, "-o", out], capture_output=True, text=True, cwd=tmp_path)
     assert (run.returncode, run.stdout) == (1, "")
     assert run.stderr == error_text(f"{out} already exists", "pass --overwrite to replace it, or choose --output")
+
+
+def test_scale_search_writes_the_same_format_with_less_error(tiny_flux, work):
+    """--scale-search: the summary says so; the same config.json and the same keys, dtypes and shapes as without it;
+    the settings recorded; and every component's error, as qtool.json records it, lower."""
+    plain, searched = work / "plain", work / "searched"
+    succeeded(quantize(tiny_flux, "--fp4", "--components", "transformer", "--device", "cpu", "-q", "-o", plain))
+    stdout = succeeded(quantize(tiny_flux, "--fp4", "--components", "transformer", "--device", "cpu", "--scale-search",
+                                "-o", searched, "--report", work / "r.json"))  # fmt: skip
+    assert f"Quantized {tiny_flux} -> fp4, scale search" in stdout
+    assert quantization_config(searched / "transformer") == quantization_config(plain / "transformer")
+    ours, theirs = headers(searched / "transformer"), headers(plain / "transformer")
+    assert {k: v for k, v in ours.items() if "quant_state" not in k} == {
+        k: v for k, v in theirs.items() if "quant_state" not in k
+    }
+    assert json.loads((work / "r.json").read_text())["settings"]["scale_search"] is True
+    quality = [json.loads((out / "qtool.json").read_text())["quality"]["transformer"] for out in (plain, searched)]
+    assert quality[1]["sqnr_db"] > quality[0]["sqnr_db"] + 0.5
