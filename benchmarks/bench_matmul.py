@@ -14,13 +14,16 @@ time per call is recorded too (``host_time``). Rows go to the CSV through benchm
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import _results
 import torch
 import torch.nn.functional as F  # noqa: N812
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _results  # noqa: E402
 
 # name: (M, K, N). decode: Llama-3-8B's MLP up projection, one and 16 tokens; flux: FLUX.1-dev's largest Linears at
 # a 1024x1024 image's 4096 + 512 tokens.
