@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from qtool.loader import load
     from qtool.quantize import dequantize_tensor, quantize_tensor
 
-__all__ = ["__version__", "quantize_tensor", "dequantize_tensor"]
+__all__ = ["__version__", "quantize_tensor", "dequantize_tensor", "load"]
 
 
 def __getattr__(name: str) -> Any:
@@ -20,4 +21,8 @@ def __getattr__(name: str) -> Any:
         from qtool import quantize
 
         return getattr(quantize, name)
+    if name == "load":
+        from qtool.loader import load
+
+        return load
     raise AttributeError(f"module 'qtool' has no attribute {name!r}")

@@ -1,0 +1,281 @@
+"""``qtool.load``: run a bitsandbytes 4-bit / 8-bit checkpoint with qtool's layers, without bitsandbytes.
+
+A pipeline folder (model_index.json) or one model folder (diffusers or transformers), local or on the Hub, written
+by ``qtool quantize`` or by bnb's own ``save_pretrained``. Each quantized component is built here: its class from
+config.json (the quantization_config taken out, so no quantizer runs), parameters on the meta device (buffers such
+as rotary tables are computed as usual), every quantized ``nn.Linear`` replaced by ``qtool.nn.QuantLinear4bit`` /
+``QuantLinear8bit`` made from its stored entries, and every other tensor filled from the safetensors files in
+``dtype`` as ``from_pretrained(torch_dtype=dtype)`` would. The rest of a pipeline (VAE, CLIP, tokenizers, scheduler)
+loads through ``DiffusionPipeline.from_pretrained`` as usual. Nothing here imports bitsandbytes.
+
+Why the module is not called ``load.py``: importing a submodule ``qtool.load`` would replace the function
+``qtool.load`` on the package with the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qtool.errors import QtoolError
+
+_PLAIN_HINT = (
+    "qtool.load runs bitsandbytes 4-bit / 8-bit checkpoints (qtool quantize's output, or bnb's save_pretrained); "
+    "load a plain checkpoint with from_pretrained, or quantize it first: qtool quantize SOURCE"
+)
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = torch.bfloat16,
+    revision: str | None = None,
+    token: str | None = None,
+    components: list[str] | None = None,
+) -> Any:
+    """Build a diffusers pipeline, or one diffusers / transformers model, from a bnb 4-bit / 8-bit checkpoint.
+
+    Args:
+        source: a local folder or a Hub repo id: a pipeline (model_index.json) or one model (config.json) whose
+            config.json (each quantized component's) has a bitsandbytes ``quantization_config``.
+        device: where to put the model or pipeline (e.g. "cuda"); None leaves it on the CPU, for example for
+            ``pipe.enable_model_cpu_offload()``. The quantized weights are read straight onto it.
+        dtype: the dtype of every floating-point tensor that is not quantized (as ``from_pretrained``'s
+            ``torch_dtype``); None keeps the stored dtypes.
+        revision, token: for Hub sources (only the files the load needs are downloaded).
+        components: for a pipeline, the quantized components qtool builds (default: every quantized one); others
+            load through diffusers as usual.
+
+    Returns:
+        The ``DiffusionPipeline`` or the model, in eval mode.
+
+    Raises:
+        QtoolError: the checkpoint is not bnb-quantized, pickle-only, or its tensors do not fit its model class
+            (a missing tensor is named).
+    """
+    from qtool import hub
+
+    source = str(source)
+    try:
+        if hub.is_local(source):
+            folder = hub.download(source, patterns=[])
+        else:
+            from qtool.dequant import _download
+
+            folder = _download(source, components, revision=revision, token=token, progress=True)
+        from qtool.dequant import _quantized_components
+
+        kind, chosen, _ = _quantized_components(folder, components, name=source)
+    except QtoolError as exc:
+        if "not quantized" in exc.message:
+            raise QtoolError(exc.message, hint=_PLAIN_HINT) from None
+        raise
+    if kind == "model":
+        return load_model(folder, device=device, dtype=dtype)
+    built = {name: load_model(folder / name, device=device, dtype=dtype) for name in chosen}
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder, **built, torch_dtype=dtype)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def load_model(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | None = torch.bfloat16):
+    """One local model folder with a bnb quantization_config, built with qtool's layers (see the module docstring)."""
+    from qtool.formats.layers import quantized_layers
+    from qtool.io.reader import TensorReader, scan_component
+    from qtool.plan import detect_library, quant_method, read_json
+
+    folder = Path(folder)
+    config = read_json(folder / "config.json")
+    method = quant_method(config)
+    if method is None:
+        raise QtoolError(f"{folder} is not quantized: its config.json has no quantization_config", hint=_PLAIN_HINT)
+    if method != "bitsandbytes":
+        raise QtoolError(f"{folder} is quantized with {method}; qtool.load runs bitsandbytes checkpoints only")
+    library, class_name = detect_library(config, folder / "config.json")
+    weights = scan_component(folder)  # refuses pickle-only folders before anything is built
+    layers = {layer.fqn: layer for layer in quantized_layers(weights.tensors).values()}
+    if not layers:
+        raise QtoolError(
+            f"{folder}: config.json says bitsandbytes, but no tensor is quantized (no quant_state or SCB entries)",
+            hint="the weights may belong to another checkpoint",
+        )
+    compute_dtype = _compute_dtype(config["quantization_config"])
+    model = _empty_model(library, class_name, folder)
+    keep_fp32 = _keep_in_fp32(model, library, dtype)
+
+    def cast(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point() and dtype is not None:
+            tensor = tensor.to(torch.float32 if keep_fp32(key) else dtype)
+        return tensor.to(device) if device is not None else tensor
+
+    loaded: set[str] = set()
+    with TensorReader(weights) as reader:
+        for fqn, layer in layers.items():
+            loaded |= set(layer.entries.values())
+            _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, loaded)
+        unexpected = []
+        for key in weights.tensors:
+            if key not in loaded and not _set_tensor(model, key, lambda k=key: cast(k, reader.read(k))):
+                unexpected.append(key)
+    ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    unexpected = [k for k in unexpected if not any(re.search(p, k) for p in ignored)]
+    if unexpected:
+        warnings.warn(f"{folder}: tensors the model has no place for were ignored: {', '.join(unexpected[:5])}")
+    if library == "transformers":
+        missing = {n for n, t in model.named_parameters(remove_duplicate=False) if t.is_meta}
+        try:
+            model.tie_weights(missing_keys=missing)
+        except TypeError:  # transformers 4.x: no missing_keys
+            model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise QtoolError(
+            f"{folder}: the checkpoint has no tensor for {', '.join(left[:5])}"
+            + (f" and {len(left) - 5} more" if len(left) > 5 else ""),
+            hint=f"the weights do not belong to the {class_name} that config.json describes",
+        )
+    if device is not None:
+        model.to(device)  # the buffers the class computes (rotary tables...), which the files do not hold
+    return model.eval()
+
+
+def _compute_dtype(quantization_config: dict) -> torch.dtype | None:
+    from qtool.formats.bnb4 import DTYPES_BY_NAME
+
+    name = quantization_config.get("bnb_4bit_compute_dtype")
+    return DTYPES_BY_NAME.get(str(name).removeprefix("torch.")) if name else None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create every ``nn.Parameter`` on the meta device while buffers are made as usual (what accelerate's
+    ``init_empty_weights(include_buffers=False)`` does, and from_pretrained with it): no memory for the weights,
+    but non-persistent buffers such as rotary ``inv_freq``, which no checkpoint holds, get their real values."""
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(module, name, param):
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            kwargs = dict(module._parameters[name].__dict__)
+            kwargs["requires_grad"] = param.requires_grad
+            module._parameters[name] = type(param)(module._parameters[name].to("meta"), **kwargs)
+
+    torch.nn.Module.register_parameter = register_parameter
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _empty_model(library: str, class_name: str, folder: Path):
+    """The model class built from config.json without its quantization_config, parameters on meta."""
+    from qtool.plan import _unknown_class
+
+    if library == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, class_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
+            names = [n for n in dir(diffusers) if n[:1].isupper()]
+            raise _unknown_class(library, diffusers.__version__, class_name, names, folder)
+        config = dict(cls.load_config(folder))
+        config.pop("quantization_config", None)
+        with _parameters_on_meta():
+            return cls.from_config(config)
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        names = [n for n in dir(transformers) if n[:1].isupper()]
+        raise _unknown_class(library, transformers.__version__, class_name, names, folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with _parameters_on_meta():
+        return cls(config)
+
+
+def _keep_in_fp32(model, library: str, dtype: torch.dtype | None):
+    """Whether a key stays float32, by the library's ``_keep_in_fp32_modules`` rule: diffusers for any dtype (a
+    module name among the key's parts), transformers for float16 (``_strict``: float16 and bfloat16)."""
+    if library == "diffusers":
+        names = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        return lambda key: bool(names) and any(n in key.split(".") for n in names)
+    names = list(getattr(model, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else []
+    if dtype in (torch.float16, torch.bfloat16):
+        names += list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    return lambda key: any(re.search(rf"(^|\.){re.escape(n)}(\.|$)", key) for n in names)
+
+
+def _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, loaded: set[str]) -> None:
+    from qtool.formats import bnb4
+    from qtool.nn import QuantLinear4bit, QuantLinear8bit
+
+    try:
+        module = model.get_submodule(fqn)
+    except AttributeError:
+        raise QtoolError(f"{weights.folder}: quantized layer {fqn} is not a module of the model") from None
+    if not isinstance(module, torch.nn.Linear):
+        raise QtoolError(f"{weights.folder}: quantized layer {fqn} is a {type(module).__name__}, not an nn.Linear")
+    entries = {}
+    for name, key in layer.entries.items():
+        tensor = reader.read(key)
+        # The blob and the int8 format flag are read on the host; the rest (stored dtypes kept) goes to the device.
+        host = name.startswith(bnb4.BLOB_PREFIX) or name == "weight_format"
+        entries[name] = tensor if host or device is None else tensor.to(device)
+    bias = None
+    if module.bias is not None:
+        bias_key = f"{fqn}.bias"
+        if bias_key not in weights.tensors:
+            raise QtoolError(f"{weights.folder}: the checkpoint has no tensor for {bias_key}")
+        bias = cast(bias_key, reader.read(bias_key))
+        loaded.add(bias_key)
+    try:
+        if layer.bits == 4:
+            new = QuantLinear4bit.from_entries(entries, bias, compute_dtype)
+        else:
+            new = QuantLinear8bit.from_entries(entries, bias)
+    except ValueError as exc:
+        raise QtoolError(f"{weights.folder}: cannot load {fqn}: {exc}") from exc
+    if (new.out_features, new.in_features) != (module.out_features, module.in_features):
+        raise QtoolError(
+            f"{weights.folder}: {fqn} stores a [{new.out_features}, {new.in_features}] weight but the model's Linear"
+            f" is [{module.out_features}, {module.in_features}]",
+            hint="the weights do not belong to the model config.json describes",
+        )
+    parent_name, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _set_tensor(model, key: str, read) -> bool:
+    """Put the checkpoint tensor ``key`` (``read()`` gives it) in its parameter or buffer; False if there is none."""
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        return False
+    if attr in module._parameters and module._parameters[attr] is not None:
+        old = module._parameters[attr]
+        tensor = read()
+        if tuple(tensor.shape) != tuple(old.shape):
+            raise QtoolError(f"{key} has shape {list(tensor.shape)} in the checkpoint but {list(old.shape)} in the model")
+        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+        return True
+    if attr in module._buffers and attr not in module._non_persistent_buffers_set:
+        old = module._buffers[attr]
+        tensor = read()
+        if old is not None and tuple(tensor.shape) != tuple(old.shape):
+            raise QtoolError(f"{key} has shape {list(tensor.shape)} in the checkpoint but {list(old.shape)} in the model")
+        module._buffers[attr] = tensor
+        return True
+    return False
