@@ -130,7 +130,9 @@ def load_model(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | N
     ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
     unexpected = [k for k in unexpected if not any(re.search(p, k) for p in ignored)]
     if unexpected:
-        warnings.warn(f"{folder}: tensors the model has no place for were ignored: {', '.join(unexpected[:5])}")
+        warnings.warn(
+            f"{folder}: tensors the model has no place for were ignored: {', '.join(unexpected[:5])}", stacklevel=2
+        )
     if library == "transformers":
         missing = {n for n, t in model.named_parameters(remove_duplicate=False) if t.is_meta}
         try:
@@ -267,15 +269,22 @@ def _set_tensor(model, key: str, read) -> bool:
     if attr in module._parameters and module._parameters[attr] is not None:
         old = module._parameters[attr]
         tensor = read()
-        if tuple(tensor.shape) != tuple(old.shape):
-            raise QtoolError(f"{key} has shape {list(tensor.shape)} in the checkpoint but {list(old.shape)} in the model")
+        _check_shape(key, tensor, old)
         module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
         return True
     if attr in module._buffers and attr not in module._non_persistent_buffers_set:
         old = module._buffers[attr]
         tensor = read()
-        if old is not None and tuple(tensor.shape) != tuple(old.shape):
-            raise QtoolError(f"{key} has shape {list(tensor.shape)} in the checkpoint but {list(old.shape)} in the model")
+        if old is not None:
+            _check_shape(key, tensor, old)
         module._buffers[attr] = tensor
         return True
     return False
+
+
+def _check_shape(key: str, tensor: torch.Tensor, old: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(old.shape):
+        raise QtoolError(
+            f"{key} has shape {list(tensor.shape)} in the checkpoint but {list(old.shape)} in the model",
+            hint="the weights do not belong to the model config.json describes",
+        )

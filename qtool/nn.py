@@ -72,7 +72,10 @@ class QuantLinear4bit(nn.Module):
 
     @classmethod
     def from_entries(
-        cls, entries: dict[str, torch.Tensor], bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None
+        cls,
+        entries: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> QuantLinear4bit:
         """From one layer's on-disk entries (``weight``, ``weight.absmax``, ..., the quant-state blob); ValueError
         naming what is missing or inconsistent."""
