@@ -15,13 +15,16 @@ attribute              on disk                                     dtype and sha
 ``nested_absmax``      ``weight.nested_absmax``                    float32 [ceil(nblocks/256)] (double quant only)
 ``nested_quant_map``   ``weight.nested_quant_map``                 float32 [256] (double quant only)
 ``nested_offset``      the blob's ``nested_offset``                float32 [1] (double quant only)
-``quant_type`` ...     the blob (``weight.quant_state.bitsandbytes__nf4``): quant_type, blocksize, dtype, shape
+plain attributes       the blob ``weight.quant_state.bitsandbytes__<nf4|fp4>``: ``quant_type``, ``blocksize``,
+                       ``weight_dtype`` (its "dtype"), ``out_features``/``in_features`` (its "shape")
 ``weight`` (8-bit)     ``weight``                                  int8 [N, K]
 ``SCB``                ``SCB``                                     float32 [N]: each row's absmax
 =====================  ==========================================  ==============================================
 
-The nested buffers are None without double quant. ``state_dict()`` writes the on-disk names back (bnb's exact
-entries: ``formats.bnb4.encode`` / ``formats.bnb8.encode``), so a qtool-loaded model saves as a bnb checkpoint.
+The nested buffers are None without double quant. The buffers move with ``.to(device)`` but keep their dtypes
+under ``.to(dtype)`` / ``.half()`` (a float16 code book would change the weights); ``bias`` is a Parameter and
+casts. ``state_dict()`` writes the on-disk names back (bnb's exact entries: ``formats.bnb4.encode`` /
+``formats.bnb8.encode``): a qtool-loaded model's state dict holds exactly the checkpoint's tensors.
 """
 
 from __future__ import annotations
@@ -35,7 +38,22 @@ from qtool.linear import linear_4bit, linear_8bit
 _NATIVE = (torch.float32, torch.bfloat16)
 
 
-class QuantLinear4bit(nn.Module):
+class _QuantLinear(nn.Module):
+    """What both layers share: their buffers follow device moves but never dtype casts."""
+
+    def _apply(self, fn, recurse=True):
+        # ``model.to(torch.float16)`` / ``.half()`` cast floating buffers, which here are scales and code books that
+        # must stay float32: keep each buffer's dtype and take only the new device (bias, a Parameter, does cast).
+        before = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class QuantLinear4bit(_QuantLinear):
     """``y = x W^T + b`` with W [out_features, in_features] stored as bnb NF4/FP4 (optionally double-quantized).
 
     Compute dtype, as bnb's ``Linear4bit`` chooses it: a float32 or bfloat16 input computes in its own dtype; a
@@ -128,7 +146,7 @@ class QuantLinear4bit(nn.Module):
         )
 
 
-class QuantLinear8bit(nn.Module):
+class QuantLinear8bit(_QuantLinear):
     """``y = x W^T + b`` with W stored as LLM.int8 rows: ``W = weight * SCB[:, None] / 127``.
 
     Weight-only: the activations stay in their dtype (bnb's ``Linear8bitLt`` also rounds them to int8 outside its
