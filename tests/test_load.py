@@ -1,0 +1,300 @@
+"""``qtool.load``: bnb checkpoints run with qtool's layers (CPU, offline).
+
+The models: a tiny Llama causal LM (untied lm_head), a T5 encoder (its ``wo`` stays 16-bit) and the example
+pipeline's FLUX transformer, each in NF4, NF4 + double quant, FP4 and int8. The oracle is bitsandbytes loading the
+same folder on the CPU, run through its dequantize-then-``F.linear`` path: ``Linear4bit`` with its AVX512-BF16
+repacking off (that path rounds absmax to bf16 first) and ``Linear8bitLt`` in its weight-only ``MatMul8bitFp`` path
+(training mode on those layers alone; its inference path also rounds the activations to int8). That is the math of
+``qtool.linear``'s reference, and qtool's dequantization equals bnb's bit for bit (README, "Compatibility"), so the
+outputs must be equal bit for bit: no tolerance to derive.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from bnb_loading import flux_inputs, read_all
+from bnb_loading import load as bnb_load
+
+import qtool
+from helpers import assert_equal
+from qtool.errors import QtoolError
+from qtool.nn import QuantLinear4bit, QuantLinear8bit
+from qtool.spec import QuantSpec
+
+METHODS = {
+    "nf4": QuantSpec(),
+    "nf4-dq": QuantSpec(double_quant=True),
+    "fp4": QuantSpec(quant_type="fp4"),
+    "int8": QuantSpec(bits=8),
+}
+# name: (library, class, the output compared)
+MODELS = {
+    "llama": ("transformers", "LlamaForCausalLM", "logits"),
+    "t5": ("transformers", "T5EncoderModel", "last_hidden_state"),
+    "flux": ("diffusers", "FluxTransformer2DModel", "sample"),
+}
+BNB_LAYERS = {"Linear4bit": QuantLinear4bit, "Linear8bitLt": QuantLinear8bit}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, tiny_flux) -> dict[str, Path]:
+    from e2e.test_quantize_models import llama, t5
+
+    root = tmp_path_factory.mktemp("load-src")
+    for seed, (name, build) in enumerate({"llama": lambda: llama(False), "t5": t5}.items()):
+        torch.manual_seed(seed)
+        build().to(torch.bfloat16).save_pretrained(root / name)
+    return {"llama": root / "llama", "t5": root / "t5", "flux": tiny_flux / "transformer"}
+
+
+@pytest.fixture(scope="module")
+def quantized(sources, tmp_path_factory):
+    """(model, method) -> the folder qtool quantized it to (once per module)."""
+    from qtool.api import quantize_checkpoint
+
+    root, done = tmp_path_factory.mktemp("load-q"), {}
+
+    def get(name: str, method: str) -> Path:
+        if (name, method) not in done:
+            out = root / f"{name}-{method}"
+            done[name, method] = quantize_checkpoint(sources[name], spec=METHODS[method], output=out, device="cpu").output
+        return done[name, method]
+
+    return get
+
+
+def bnb_same_math(model):
+    """bnb's CPU layers switched to dequantize + F.linear (see the module docstring)."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+        elif type(module).__name__ == "Linear8bitLt":
+            module.train()
+    return model
+
+
+def forward(model, name: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        if name == "flux":
+            output = model(**flux_inputs(model.config))
+        else:
+            output = model(input_ids=torch.randint(0, model.config.vocab_size, (2, 12)))
+    return getattr(output, MODELS[name][2])
+
+
+def check_like_bnb(ours, theirs) -> None:
+    """Every bnb layer is the matching qtool layer at the same path; every other module has bnb's class, and every
+    other parameter and buffer bnb's dtype, shape and value."""
+    our_modules = dict(ours.named_modules())
+    kinds = {type(m).__name__ for m in theirs.modules()}
+    assert kinds & set(BNB_LAYERS), kinds
+    for fqn, module in theirs.named_modules():
+        kind = type(module).__name__
+        if kind in BNB_LAYERS:
+            assert type(our_modules[fqn]) is BNB_LAYERS[kind], fqn
+        else:
+            assert type(our_modules[fqn]).__name__ == kind, fqn
+    quantized = {f for f, m in our_modules.items() if isinstance(m, (QuantLinear4bit, QuantLinear8bit))}
+    our_tensors = {**dict(ours.named_parameters()), **dict(ours.named_buffers())}
+    for key, tensor in [*theirs.named_parameters(), *theirs.named_buffers()]:
+        if key.rpartition(".")[0] in quantized and not key.endswith(".bias"):
+            continue
+        assert_equal(our_tensors[key].detach(), tensor.detach(), key)
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_load_matches_bnb(quantized, name, method):
+    """qtool layers exactly where bnb puts its own, everything else as from_pretrained loads it, and the same
+    output as bnb's dequantize + F.linear path, bit for bit."""
+    folder = quantized(name, method)
+    library, class_name, _ = MODELS[name]
+    ours = qtool.load(folder)
+    theirs = bnb_same_math(bnb_load(folder, library, class_name))
+    assert type(ours).__name__ == class_name and not ours.training
+    check_like_bnb(ours, theirs)
+    layer = next(m for m in ours.modules() if isinstance(m, (QuantLinear4bit, QuantLinear8bit)))
+    assert isinstance(layer, QuantLinear8bit) == (method == "int8")
+    if isinstance(layer, QuantLinear4bit):
+        assert layer.double_quant == (method == "nf4-dq") and layer.quant_type == METHODS[method].quant_type
+        assert layer.compute_dtype == torch.bfloat16  # qtool's default bnb_4bit_compute_dtype
+    assert_equal(forward(ours, name), forward(theirs, name), "output")
+    # The state dict holds the checkpoint's tensors under their on-disk names (the quantized ones included).
+    stored, state = read_all(folder), ours.state_dict()
+    assert set(stored) <= set(state)
+    for key, tensor in stored.items():
+        assert_equal(state[key].to(tensor.dtype) if tensor.is_floating_point() else state[key], tensor, key)
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize("name,method", [("llama", "nf4-dq"), ("t5", "int8")])
+def test_loads_bnb_save_pretrained(sources, tmp_path, name, method):
+    """A checkpoint written by bitsandbytes' own save_pretrained (quantized on load) runs the same as with bnb."""
+    library, class_name, _ = MODELS[name]
+    bnb_load(sources[name], library, class_name, METHODS[method]).save_pretrained(tmp_path / "bnb")
+    ours = qtool.load(tmp_path / "bnb")
+    theirs = bnb_same_math(bnb_load(tmp_path / "bnb", library, class_name))
+    check_like_bnb(ours, theirs)
+    assert_equal(forward(ours, name), forward(theirs, name), "output")
+
+
+def test_pipeline(flux_outputs):
+    """A quantized pipeline: the quantized components are built by qtool, the rest load as diffusers loads them;
+    `components` limits what qtool builds and refuses a component that is not quantized."""
+    from collections import Counter
+
+    pipe = qtool.load(flux_outputs["nf4-dq"])
+    assert type(pipe).__name__ == "FluxPipeline"
+    for name, quantized in (("transformer", 50), ("text_encoder_2", 12), ("text_encoder", 0), ("vae", 0)):
+        kinds = Counter(type(m).__name__ for m in getattr(pipe, name).modules())
+        assert kinds["QuantLinear4bit"] == quantized, (name, kinds)
+        assert {p.dtype for p in getattr(pipe, name).parameters()} == {torch.bfloat16}
+    image = pipe(
+        "a cat", num_inference_steps=1, height=64, width=64, max_sequence_length=32,
+        generator=torch.manual_seed(0), output_type="np",
+    ).images  # fmt: skip
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(torch.from_numpy(image)).all()
+    with pytest.raises(QtoolError, match="'vae' is not quantized"):
+        qtool.load(flux_outputs["nf4-dq"], components=["vae"])
+
+
+def test_torch_compile_fullgraph(quantized):
+    """torch.compile(fullgraph=True) traces through the qtool layers (custom ops with fake kernels): no graph break
+    anywhere, and the compiled model computes what the eager one does. aot_eager runs the same AOT tracing as
+    inductor without compiling C++, which a CPU test cannot afford."""
+    for name, method in (("llama", "nf4-dq"), ("flux", "int8")):
+        model = qtool.load(quantized(name, method))
+        torch._dynamo.reset()
+        inputs = (
+            flux_inputs(model.config)
+            if name == "flux"
+            else {"input_ids": torch.randint(0, model.config.vocab_size, (2, 12))}
+        )
+        with torch.no_grad():
+            explained = torch._dynamo.explain(model)(**inputs)
+            assert explained.graph_break_count == 0, explained.break_reasons
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+            out = getattr(compiled(**inputs), MODELS[name][2])
+            assert_equal(out, getattr(model(**inputs), MODELS[name][2]), f"{name} compiled")
+
+
+def test_hub_downloads_json_first(fake_hub, quantized):
+    """A Hub repo: the JSON files first (a plain repo would be refused before any weight is fetched), then the
+    model's files; the loaded model is the local one's."""
+    from qtool.api import MODEL_PATTERNS
+
+    fake_hub.serve("me/llama-nf4", quantized("llama", "nf4"))
+    model = qtool.load("me/llama-nf4", revision="main")
+    assert fake_hub.downloaded_patterns() == [["*.json"], MODEL_PATTERNS]
+    assert_equal(forward(model, "llama"), forward(qtool.load(quantized("llama", "nf4")), "llama"), "output")
+
+
+def test_quant_layers_keep_dtypes_and_compute_dtype(quantized):
+    """.to(float16) casts the bias and other parameters but not the scales and code books (they would change the
+    weights); a float16 input to a 4-bit layer computes in its compute_dtype (bnb's rule) and comes back float16."""
+    from qtool.linear import linear_4bit_ref
+
+    model = qtool.load(quantized("t5", "nf4"), dtype=torch.float32)
+    layer = model.encoder.block[0].layer[0].SelfAttention.q
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    model.to(torch.float16)
+    for name, buffer in layer.named_buffers():
+        assert_equal(buffer, before[name], name)
+    x = torch.randn(3, layer.in_features, dtype=torch.float16)
+    expected = linear_4bit_ref(
+        x.float(), layer.weight, layer.absmax, layer.quant_map, blocksize=layer.blocksize,
+        shape=(layer.out_features, layer.in_features),
+    ).half()  # fmt: skip
+    layer.compute_dtype = torch.float32
+    assert_equal(layer(x), expected, "fp16 in, fp32 compute")
+    assert "nf4, blocksize=64, compute_dtype=float32" in repr(layer)
+
+
+def test_refusals(tmp_path, sources, quantized):
+    """Plain, foreign and pickle-only checkpoints are refused with a hint; a missing tensor is named."""
+    with pytest.raises(QtoolError, match="is not quantized") as info:
+        qtool.load(sources["llama"])
+    assert "qtool quantize" in info.value.hint
+
+    foreign = tmp_path / "gguf"
+    foreign.mkdir()
+    config = json.loads((sources["llama"] / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gguf"}}))
+    with pytest.raises(QtoolError, match="quantized with gguf"):
+        qtool.load(foreign)
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((quantized("llama", "int8") / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(QtoolError, match="only pickled weights") as info:
+        qtool.load(pickled)
+    assert "never unpickles" in info.value.hint
+
+    from safetensors.torch import save_file
+
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "config.json").write_text((quantized("llama", "int8") / "config.json").read_text())
+    tensors = read_all(quantized("llama", "int8"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, partial / "model.safetensors")
+    with pytest.raises(QtoolError, match=r"no tensor for model\.norm\.weight"):
+        qtool.load(partial)
+
+
+def test_runs_without_bitsandbytes(flux_outputs, quantized):
+    """With bitsandbytes made unimportable (as if not installed), a pipeline and a transformers LLM load and run,
+    and nothing imported it."""
+    code = f"""
+import sys
+sys.modules["bitsandbytes"] = None  # import fails, importlib.util.find_spec says not installed
+import torch, qtool
+pipe = qtool.load({str(flux_outputs["nf4"])!r})
+pipe("a cat", num_inference_steps=1, height=64, width=64, max_sequence_length=32, output_type="np")
+model = qtool.load({str(quantized("llama", "int8"))!r})
+assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+assert sys.modules["bitsandbytes"] is None
+print("ok", type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "QuantLinear4bit"]
+
+
+@pytest.mark.gpu
+@pytest.mark.bnb
+def test_gpu_pipeline_matches_bnb_and_runs_with_cpu_offload(tiny_flux, flux_outputs):
+    """On a GPU: the qtool-loaded pipeline's image is bnb's up to rounding, and enable_model_cpu_offload runs it.
+
+    The two differ only in bf16 rounding inside the matmuls (Triton against bnb's CUDA kernels), about 2**-8
+    relative per operation, while both differ from the unquantized pipeline by NF4's weight error (SQNR ~20 dB, 10%
+    relative per weight): so |ours - bnb| must be a small fraction of |bnb - unquantized|; 0.25 leaves room for the
+    rounding to grow over the 2 steps. The offloaded run uses the same kernels on the same device, moved there by
+    accelerate's hooks (buffers included): the same 8-bit image (every pixel within 1/255).
+    """
+    from diffusers import FluxPipeline
+
+    folder = flux_outputs["nf4-dq"]
+    kwargs = dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32, output_type="np")
+
+    def image(pipe) -> torch.Tensor:
+        return torch.from_numpy(pipe("a cat", generator=torch.manual_seed(0), **kwargs).images).double()
+
+    ours = image(qtool.load(folder, device="cuda"))
+    theirs = image(FluxPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).to("cuda"))
+    plain = image(FluxPipeline.from_pretrained(tiny_flux, torch_dtype=torch.bfloat16).to("cuda"))
+    assert (ours - theirs).norm() <= 0.25 * (theirs - plain).norm()
+    offloaded = qtool.load(folder)
+    offloaded.enable_model_cpu_offload()
+    assert offloaded.transformer.device.type == "cpu"
+    assert (image(offloaded) - ours).abs().max() < 1 / 255
