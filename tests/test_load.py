@@ -63,7 +63,8 @@ def quantized(sources, tmp_path_factory):
     def get(name: str, method: str) -> Path:
         if (name, method) not in done:
             out = root / f"{name}-{method}"
-            done[name, method] = quantize_checkpoint(sources[name], spec=METHODS[method], output=out, device="cpu").output
+            result = quantize_checkpoint(sources[name], spec=METHODS[method], output=out, device="cpu")
+            done[name, method] = result.output
         return done[name, method]
 
     return get
