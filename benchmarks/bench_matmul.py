@@ -59,20 +59,25 @@ def sweep() -> None:
     from qtool.kernels import matmul_4bit
     from qtool.quantize import quantize_tensor
 
-    for m, k, n in [(1, 4096, 14336), (16, 4096, 14336), (1, 3072, 3072)]:
+    for m, k, n in [(1, 4096, 14336), (4, 4096, 14336), (1, 3072, 3072)]:
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         packed, state = bnb4.decode(quantize_tensor(w))
         results = []
-        for bn, bk, warps, stages in itertools.product((16, 32, 64), (256, 512), (4, 8), (3, 4)):
+        configs = [("dot", bn, bk, w, st) for bn, bk, w, st in itertools.product((32, 64), (256,), (4, 8), (3,))]
+        if m <= matmul_4bit.ROWS_MAX_M:
+            configs += [
+                ("rows", bn, bk, w, 1) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))
+            ]
+        for variant, bn, bk, warps, stages in configs:
             fn = partial(matmul_4bit.linear_4bit, x, packed, state.absmax, state.quant_map, blocksize=64, shape=(n, k),
-                         block_n=bn, block_k=bk, num_warps=warps, stages=stages)  # fmt: skip
+                         block_n=bn, block_k=bk, num_warps=warps, stages=stages, variant=variant)  # fmt: skip
             try:
-                results.append((bench(fn)[0], bn, bk, warps, stages))
+                results.append((bench(fn)[0], variant, bn, bk, warps, stages))
             except Exception as e:  # noqa: BLE001 (a configuration that does not compile or fit)
-                print(f"  bn {bn} bk {bk} warps {warps} stages {stages}: {type(e).__name__}")
-        for r in sorted(results)[:5]:
-            print(f"M={m} {k}->{n}: {r[0]:.2f} us  block_n {r[1]} block_k {r[2]} warps {r[3]} stages {r[4]}")
+                print(f"  {variant} bn {bn} bk {bk} warps {warps} stages {stages}: {type(e).__name__}")
+        for r in sorted(results)[:6]:
+            print(f"M={m} {k}->{n}: {r[0]:.2f} us  {r[1]} block_n {r[2]} block_k {r[3]} warps {r[4]} stages {r[5]}")
 
 
 def main() -> None:

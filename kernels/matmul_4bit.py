@@ -35,6 +35,11 @@ GEMV_BLOCK_N = 64 if INTERPRETING else 32
 GEMV_BLOCK_K = 256
 GEMV_WARPS = 4
 GEMV_STAGES = 4
+# The CUDA-core variant for at most ROWS_MAX_M rows of x (one program row per x row).
+ROWS_MAX_M = 4
+ROWS_BLOCK_N = 16 if INTERPRETING else 8
+ROWS_BLOCK_K = 512 if INTERPRETING else 256
+ROWS_WARPS = 4
 
 
 def supports(x: torch.Tensor, n: int, k: int) -> bool:
@@ -114,6 +119,58 @@ def _round_w(w, dtype, BF16_BY_HAND: tl.constexpr):
     return w.to(dtype)
 
 
+@triton.jit
+def _gemv_4bit_rows_kernel(
+    x_ptr,  # *bf16|fp16 [M, K]
+    packed_ptr,  # *u8 [N * K / 2]
+    absmax_ptr,  # *fp32 [nblocks], or *u8 codes with NESTED
+    qmap_ptr,  # *fp32 [16]
+    nested_absmax_ptr,
+    nested_map_ptr,
+    offset_ptr,
+    bias_ptr,
+    out_ptr,  # *bf16|fp16 [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    QBLOCK: tl.constexpr,
+    NESTED: tl.constexpr,
+    NBLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
+    BF16_BY_HAND: tl.constexpr,
+):
+    # Few rows of x: CUDA-core products and row sums (no tensor-core layout shuffles), one x row per program axis 1.
+    # The tile is [BLOCK_N, BLOCK_K / QBLOCK, QBLOCK / 2] bytes so each block's absmax is loaded once.
+    pid = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_b = tl.arange(0, BLOCK_K // QBLOCK)
+    offs_j = tl.arange(0, QBLOCK // 2)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        blk = (offs_n[:, None] * K + k0) // QBLOCK + offs_b[None, :]  # [BLOCK_N, BLOCK_K / QBLOCK]
+        if NESTED:
+            a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask_n[:, None], NBLOCK)
+        else:
+            a = tl.load(absmax_ptr + blk, mask=mask_n[:, None], other=0.0)
+        byte = blk[:, :, None] * (QBLOCK // 2) + offs_j[None, None, :]
+        p = tl.load(packed_ptr + byte, mask=mask_n[:, None, None], other=0).to(tl.int32)
+        w_hi = _round_w(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
+        w_lo = _round_w(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
+        cols = k0 + offs_b[:, None] * QBLOCK + 2 * offs_j[None, :]  # [BLOCK_K / QBLOCK, QBLOCK / 2]
+        x_even = tl.load(x_ptr + row * stride_xm + cols).to(tl.float32)
+        x_odd = tl.load(x_ptr + row * stride_xm + cols + 1).to(tl.float32)
+        acc += tl.sum(tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
 def linear_4bit(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -130,6 +187,7 @@ def linear_4bit(
     block_k: int | None = None,
     num_warps: int | None = None,
     stages: int | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``qtool.linear.linear_4bit_ref`` for ``supports(x, *shape)``: [..., K] -> [..., N] in x's
     dtype. Never waits for the GPU."""
@@ -155,6 +213,35 @@ def linear_4bit(
         )
     else:
         nested_args = (absmax, absmax, absmax)  # unused placeholders
+    rows_k = block_k or ROWS_BLOCK_K
+    if variant not in (None, "rows", "dot"):
+        raise ValueError(f"variant must be 'rows' or 'dot', got {variant!r}")
+    if variant == "rows" or (variant is None and m <= ROWS_MAX_M and k % rows_k == 0 and rows_k % blocksize == 0):
+        block_n = block_n or ROWS_BLOCK_N
+        with device_guard(x):
+            _gemv_4bit_rows_kernel[(triton.cdiv(n, block_n), m)](
+                x2,
+                packed.reshape(-1).view(torch.uint8),
+                absmax if nested else absmax.to(torch.float32),
+                quant_map.to(torch.float32),
+                *nested_args,
+                bias if bias is not None else out,
+                out,
+                m,
+                n,
+                k,
+                x2.stride(0),
+                QBLOCK=blocksize,
+                NESTED=nested,
+                NBLOCK=NESTED_BLOCKSIZE,
+                HAS_BIAS=bias is not None,
+                BLOCK_N=block_n,
+                BLOCK_K=rows_k,
+                BF16_BY_HAND=by_hand,
+                **warps_option(num_warps, ROWS_WARPS),
+                **launch_options(),
+            )
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
     block_n = block_n or GEMV_BLOCK_N
     with device_guard(x):
         _gemv_4bit_kernel[(triton.cdiv(n, block_n),)](

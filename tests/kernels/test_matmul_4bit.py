@@ -12,12 +12,15 @@ from qtool.kernels import matmul_4bit
 from qtool.linear import linear_4bit, linear_4bit_ref
 from qtool.quantize import dequantize_tensor, quantize_tensor
 
-# (M, N, K, double quant, blocksize, bias): one token, ragged N and M, K not a multiple of the K tile, DQ.
+# (M, N, K, double quant, blocksize, bias): one token, ragged N and M, K not a multiple of the K tile, DQ; each case
+# runs through both kernel variants where it can.
 CASES = [
     (1, 96, 256, False, 64, False),
     (5, 70, 512, True, 64, True),
     (16, 64, 384, False, 128, True),
     (3, 33, 130, True, 64, False),
+    (1, 24, 512, False, 128, False),  # the CUDA-core variant (at most ROWS_MAX_M rows, K a multiple of its K tile)
+    (2, 40, 1024, True, 64, True),
 ]
 
 
@@ -43,12 +46,15 @@ def check_bar(y, x, entries, bias):
 
 
 @pytest.mark.parametrize("m,n,k,dq,blocksize,has_bias", CASES, ids=str)
-def test_kernel_against_the_reference(m, n, k, dq, blocksize, has_bias, device):
+@pytest.mark.parametrize("variant", ["dot", "rows"])
+def test_kernel_against_the_reference(m, n, k, dq, blocksize, has_bias, variant, device):
+    if variant == "rows" and k % matmul_4bit.ROWS_BLOCK_K:
+        pytest.skip("the CUDA-core variant takes K in whole K tiles")
     entries, packed, state, nested = layer(n, k, dq, blocksize, device)
     x = torch.randn(m, k).to(torch.bfloat16).to(device)
     bias = torch.randn(n).to(torch.bfloat16).to(device) if has_bias else None
     y = matmul_4bit.linear_4bit(x, packed, state.absmax, state.quant_map, bias, blocksize=blocksize, shape=(n, k),
-                                **nested)  # fmt: skip
+                                variant=variant, **nested)  # fmt: skip
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     check_bar(y, x, entries, bias)
     ref = linear_4bit_ref(x, packed, state.absmax, state.quant_map, bias, blocksize=blocksize, shape=(n, k), **nested)
