@@ -38,14 +38,19 @@ GEMV_STAGES = 4
 # The CUDA-core variant for at most ROWS_MAX_M rows of x (one program row per x row).
 ROWS_MAX_M = 4
 ROWS_BLOCK_N = 16 if INTERPRETING else 8
-ROWS_BLOCK_K = 512 if INTERPRETING else 256
-ROWS_WARPS = 4
+ROWS_BLOCK_K = 512  # H100 sweep (M=1): block_n 8, block_k 512, 2 warps 38.1 us; 4 warps 40.9 us
+ROWS_WARPS = 2
 
 
-def supports(x: torch.Tensor, n: int, k: int) -> bool:
-    """Whether ``linear_4bit`` takes this call: a 16-bit x of at most MAX_M rows, K even."""
+def supports(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> bool:
+    """Whether ``qtool.linear`` should call this kernel rather than dequantize + cuBLAS: one row of 16-bit x with K
+    in whole tiles of the CUDA-core variant, the one case where it was faster on the H100 (M=1 4096 -> 14336:
+    38 us against ~100 us; the tensor-core variant took 570-1500 us there: benchmarks/bench_matmul.py --sweep)."""
     rows = x.numel() // max(k, 1)
-    return x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= MAX_M and k % 2 == 0 and n > 0
+    return (
+        x.dtype in (torch.bfloat16, torch.float16) and rows == 1 and n > 0
+        and k % ROWS_BLOCK_K == 0 and ROWS_BLOCK_K % blocksize == 0
+    )  # fmt: skip
 
 
 @triton.jit
@@ -192,7 +197,8 @@ def linear_4bit(
     """Triton twin of ``qtool.linear.linear_4bit_ref`` for ``supports(x, *shape)``: [..., K] -> [..., N] in x's
     dtype. Never waits for the GPU."""
     n, k = shape
-    if not supports(x, n, k):
+    rows = x.numel() // max(k, 1)
+    if x.dtype not in (torch.bfloat16, torch.float16) or not 0 < rows <= MAX_M or k % 2:
         raise ValueError(f"linear_4bit's kernel takes 16-bit x of at most {MAX_M} rows and even K: {tuple(x.shape)}")
     check_device(x, packed, absmax, quant_map)
     x2 = x.reshape(-1, k)

@@ -272,9 +272,11 @@ def _dequantize_4bit_kernel(
             word = hi16 | (lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16)
         tl.store(out_ptr + offs_p, word, mask=offs_p < n // 2)
     else:
-        x = tl.interleave(hi, lo)  # [BLOCKS, QBLOCK], element 2j from the high nibble
-        offs = offs_b[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-        store_rounded(out_ptr + offs, x, offs < n, BF16_BITS)
+        # Elements 2j and 2j + 1 stored apart. tl.interleave(hi, lo) into one [BLOCKS, QBLOCK] store gave wrong
+        # float32 values on the H100 (Triton 3.6) at QBLOCK 128 with 32 blocks per program, though not at 8 blocks.
+        even = offs_p * 2
+        store_rounded(out_ptr + even, hi, even < n, BF16_BITS)
+        store_rounded(out_ptr + even + 1, lo, even + 1 < n, BF16_BITS)
 
 
 def pairs_view(t: torch.Tensor) -> torch.Tensor | None:

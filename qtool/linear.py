@@ -99,7 +99,7 @@ def _linear_4bit_op(
     if x.is_cuda:
         from qtool.kernels import matmul_4bit
 
-        if matmul_4bit.supports(x, n, k):
+        if matmul_4bit.supports(x, n, k, blocksize):
             return matmul_4bit.linear_4bit(
                 x, packed, absmax, quant_map, bias if bias.numel() else None, blocksize=blocksize, shape=(n, k),
                 nested_absmax=nested_absmax if nested else None, nested_quant_map=nested_quant_map if nested else None,

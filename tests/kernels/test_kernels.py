@@ -23,6 +23,7 @@ CASES_4BIT = [
     ((4099,), 4096, None),
     ((2, 4096), 4096, 4096),
     ((64, 192), 64, 2048),
+    ((24, 512), 128, None),  # 32 blocks a program: float32 output went wrong there on the H100 (tl.interleave)
 ]
 
 

@@ -77,10 +77,11 @@ def test_the_op_takes_any_leading_shape_and_compiles(lead, device):
 
 
 def test_supports_and_argument_errors(device):
-    x = torch.zeros(17, 64, dtype=torch.bfloat16, device=device)
-    assert not matmul_4bit.supports(x, 8, 64)  # more rows than the kernel takes: dequantize + matmul instead
-    assert matmul_4bit.supports(x[:16], 8, 64)
-    assert not matmul_4bit.supports(x[:4].float(), 8, 64)
+    x = torch.zeros(17, 1024, dtype=torch.bfloat16, device=device)
+    assert matmul_4bit.supports(x[:1], 8, 1024)  # one row: the CUDA-core kernel
+    assert not matmul_4bit.supports(x[:2], 8, 1024)  # more rows: dequantize + matmul (faster on the H100)
+    assert not matmul_4bit.supports(x[:1].float(), 8, 1024)
+    assert not matmul_4bit.supports(x[:1, :96], 8, 96)  # K not in whole tiles
     _, packed, state, _ = layer(8, 64, False, 64, device)
     with pytest.raises(ValueError, match="do not match"):
         linear_4bit(x[:, :32], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 64))
