@@ -222,32 +222,25 @@ def linear_4bit(
     rows_k = block_k or ROWS_BLOCK_K
     if variant not in (None, "rows", "dot"):
         raise ValueError(f"variant must be 'rows' or 'dot', got {variant!r}")
-    if variant == "rows" or (variant is None and m <= ROWS_MAX_M and k % rows_k == 0 and rows_k % blocksize == 0):
-        block_n = block_n or ROWS_BLOCK_N
-        with device_guard(x):
+    args = (
+        x2, packed.reshape(-1).view(torch.uint8), absmax if nested else absmax.to(torch.float32),
+        quant_map.to(torch.float32), *nested_args, bias if bias is not None else out, out, m, n, k, x2.stride(0),
+    )  # fmt: skip
+    common = {"QBLOCK": blocksize, "NESTED": nested, "NBLOCK": NESTED_BLOCKSIZE, "HAS_BIAS": bias is not None,
+              "BF16_BY_HAND": by_hand, **launch_options()}  # fmt: skip
+    with device_guard(x):
+        if variant == "rows" or (variant is None and m <= ROWS_MAX_M and k % rows_k == 0 and rows_k % blocksize == 0):
+            block_n = block_n or ROWS_BLOCK_N
             _gemv_4bit_rows_kernel[(triton.cdiv(n, block_n), m)](
-                x2,
-                packed.reshape(-1).view(torch.uint8),
-                absmax if nested else absmax.to(torch.float32),
-                quant_map.to(torch.float32),
-                *nested_args,
-                bias if bias is not None else out,
-                out,
-                m,
-                n,
-                k,
-                x2.stride(0),
-                QBLOCK=blocksize,
-                NESTED=nested,
-                NBLOCK=NESTED_BLOCKSIZE,
-                HAS_BIAS=bias is not None,
-                BLOCK_N=block_n,
-                BLOCK_K=rows_k,
-                BF16_BY_HAND=by_hand,
-                **warps_option(num_warps, ROWS_WARPS),
-                **launch_options(),
+                *args, BLOCK_N=block_n, BLOCK_K=rows_k, **common, **warps_option(num_warps, ROWS_WARPS)
             )
-        return out.to(x.dtype).reshape(*x.shape[:-1], n)
+        else:
+            block_n = block_n or GEMV_BLOCK_N
+            _gemv_4bit_kernel[(triton.cdiv(n, block_n),)](
+                *args, BLOCK_M=MAX_M, BLOCK_N=block_n, BLOCK_K=block_k or GEMV_BLOCK_K, STAGES=stages or GEMV_STAGES,
+                **common, **warps_option(num_warps, GEMV_WARPS),
+            )  # fmt: skip
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
     block_n = block_n or GEMV_BLOCK_N
     with device_guard(x):
         _gemv_4bit_kernel[(triton.cdiv(n, block_n),)](
