@@ -93,7 +93,7 @@ class DequantizeResult:
         }
 
 
-def _quantized_components(
+def quantized_components(
     folder: Path, components: list[str] | None, name: str | None = None
 ) -> tuple[str, list[str], list[str]]:
     """``(kind, the components to dequantize, the root entries to copy)``; refuses a checkpoint with nothing to do.
@@ -363,8 +363,8 @@ def dequantize_checkpoint(
     if local_folder is not None:
         folder = local_folder
     else:
-        folder = _download(source, components, revision=revision, token=token, progress=progress.enabled)
-    kind, chosen, copied = _quantized_components(folder, components)
+        folder = download_quantized(source, components, revision=revision, token=token, progress=progress.enabled)
+    kind, chosen, copied = quantized_components(folder, components)
     result = DequantizeResult(output=out, source=source, kind=kind, components=[], copied=copied, device=device)
     with atomic_output(out, overwrite) as tmp:
         for name in chosen:
@@ -381,14 +381,14 @@ def dequantize_checkpoint(
     return result
 
 
-def _download(source: str, components: list[str] | None, *, revision, token, progress: bool) -> Path:
+def download_quantized(source: str, components: list[str] | None, *, revision, token, progress: bool) -> Path:
     """The repo's JSON files first, so that a plain or foreign checkpoint is refused before any weight is fetched;
     then the pipeline's component folders (never root single-file checkpoints), or the model's files."""
     from qtool import hub
     from qtool.api import MODEL_PATTERNS, pipeline_patterns
 
     folder = hub.download(source, patterns=["*.json"], revision=revision, token=token, progress=False)
-    _quantized_components(folder, components, name=source)
+    quantized_components(folder, components, name=source)
     if (folder / "model_index.json").exists():
         patterns = pipeline_patterns(pipeline_components(read_json(folder / "model_index.json")))
     else:

@@ -61,18 +61,15 @@ def load(
             (a missing tensor is named).
     """
     from qtool import hub
+    from qtool.dequant import download_quantized, quantized_components
 
     source = str(source)
     try:
         if hub.is_local(source):
             folder = hub.download(source, patterns=[])
         else:
-            from qtool.dequant import _download
-
-            folder = _download(source, components, revision=revision, token=token, progress=True)
-        from qtool.dequant import _quantized_components
-
-        kind, chosen, _ = _quantized_components(folder, components, name=source)
+            folder = download_quantized(source, components, revision=revision, token=token, progress=True)
+        kind, chosen, _ = quantized_components(folder, components, name=source)
     except QtoolError as exc:
         if "not quantized" in exc.message:
             raise QtoolError(exc.message, hint=_PLAIN_HINT) from None
