@@ -428,6 +428,25 @@ def stream_groups(reader, groups: list[list[str]]):
     return read
 
 
+def stream_component(
+    reader, groups: list[list[str]], compute, write, device: str, device_groups: list[list[str]], out_bytes: int = 0
+) -> PipelineStats:
+    """``qtool.pipeline.run`` over ``groups`` of ``reader``'s component: each group read (``stream_groups``) into a
+    slot sized by ``slot_bytes`` (``device_groups``: the groups sent to the device), computed, then written."""
+    from qtool import pipeline
+
+    return pipeline.run(
+        groups,
+        read=stream_groups(reader, groups),
+        compute=compute,
+        write=write,
+        device=device,
+        slots=pipeline.DEFAULT_SLOTS,
+        slot_bytes=slot_bytes(reader.component, groups, device_groups),
+        out_bytes=out_bytes,
+    )
+
+
 def slot_bytes(weights: ComponentWeights, groups: list[list[str]], device_groups: list[list[str]]) -> int:
     """Input bytes per pipeline slot: the largest group sent to the device (those must be pinned), and at least
     64 MiB or the largest group for the others (read into a reused buffer, which is ~5x faster than a fresh one)."""
@@ -503,7 +522,7 @@ def _quantize_component(
     returning, the written files are verified (``qtool.verify.verify_component``)."""
     import torch
 
-    from qtool import pipeline, quantize, verify
+    from qtool import quantize, verify
     from qtool.io.reader import TensorReader
     from qtool.io.writer import ShardedWriter
 
@@ -566,16 +585,10 @@ def _quantize_component(
         TensorReader(plan.weights, threads=READ_THREADS[device]) as reader,
         ShardedWriter(out, plan.weights.base_name, MAX_SHARD_SIZE[plan.library], plan=writer_plan) as writer,
     ):
-        stats = pipeline.run(
-            order,
-            read=stream_groups(reader, order),
-            compute=compute,
-            write=write,
-            device=device,
-            slots=pipeline.DEFAULT_SLOTS,
-            slot_bytes=slot_bytes(plan.weights, groups, [g for g in groups if g[0] in plan.layers]),
+        stats = stream_component(
+            reader, order, compute, write, device, [g for g in order if g[0] in plan.layers],
             out_bytes=_output_bytes(writer_plan, groups, plan.layers),
-        )
+        )  # fmt: skip
         t = time.perf_counter()
         files = writer.close()
         bytes_after = writer.total_size

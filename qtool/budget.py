@@ -803,8 +803,8 @@ def measure_errors(
         {fqn: {4: relative error, 8: relative error}}; 8-bit is ``math.inf`` for a weight holding values beyond
         float16's range, which 8-bit cannot hold (bnb casts to float16; the run would refuse it).
     """
-    from qtool import pipeline, quantize, verify
-    from qtool.api import slot_bytes, stream_groups
+    from qtool import quantize, verify
+    from qtool.api import stream_component
 
     opts4 = dict(options or {})
     opts4.pop("bits", None)
@@ -835,12 +835,5 @@ def measure_errors(
             e8 = relative_error(stats["8"])
         errors[layer.fqn] = {4: relative_error(stats["4"]), 8: e8}
 
-    pipeline.run(
-        groups,
-        read=stream_groups(reader, groups),
-        compute=compute,
-        write=write,
-        device=device,
-        slot_bytes=slot_bytes(plan.weights, groups, groups),
-    )
+    stream_component(reader, groups, compute, write, device, groups)
     return errors

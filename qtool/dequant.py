@@ -167,8 +167,8 @@ def _dequantize_component(
     non-finite layers (unless allowed) and writes. Before returning, the written files are verified."""
     import torch
 
-    from qtool import pipeline, verify
-    from qtool.api import READ_THREADS, slot_bytes, stream_groups
+    from qtool import verify
+    from qtool.api import READ_THREADS, stream_component
     from qtool.formats.bnb4 import BLOB_PREFIX
     from qtool.io.reader import TensorReader, scan_component
     from qtool.io.writer import ShardedWriter
@@ -239,15 +239,8 @@ def _dequantize_component(
         # The largest dense weight, and its non-finite count, copied back from the device.
         out_bytes = max((2 * ALIGN + g[key].nbytes for g in writer_plan or () for key in g if key in layers), default=0)
         with ShardedWriter(out, weights.base_name, MAX_SHARD_SIZE[library], plan=writer_plan) as writer:
-            stats = pipeline.run(
-                groups,
-                read=stream_groups(reader, groups),
-                compute=compute,
-                write=write,
-                device=device,
-                slots=pipeline.DEFAULT_SLOTS,
-                slot_bytes=slot_bytes(weights, groups, [g for g in groups if g[0] in layers]),
-                out_bytes=out_bytes,
+            stats = stream_component(
+                reader, groups, compute, write, device, [g for g in groups if g[0] in layers], out_bytes=out_bytes
             )
             t = time.perf_counter()
             files = writer.close()
