@@ -67,18 +67,70 @@ def linear_4bit_ref(
     return F.linear(x, w, bias)
 
 
+# bnb's constants (``int8_mm_dequant``, ``int8_vectorwise_dequant``): 1/127^2 and 1/127 as float32 literals.
+LLM_INT8_SCALE = 6.200124e-05
+INV_127 = 7.874015718698502e-3
+# ``llm_int8_threshold``'s default in transformers' and diffusers' BitsAndBytesConfig.
+DEFAULT_THRESHOLD = 6.0
+
+
+def int8_activations_ref(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8's activation quantization, as bnb's ``int8_vectorwise_quant`` does it, for a [M, K] x.
+
+    x is cast to float16 first (bnb's ``MatMul8bitLt`` does; for bf16 x that is exact in float16's normal range).
+    With ``threshold > 0`` an element with ``|x| >= threshold`` is an outlier: it is left out of its row's absmax,
+    and every column holding one is an outlier column, zero in ``CA`` (its products are taken in 16-bit instead).
+    Returns ``CA`` (int8 [M, K]: ``round(x * 127 / SCA)``, half to even; 0 in a row whose SCA is 0), ``SCA``
+    (float32 [M]: each row's absmax over the elements that are not outliers) and the outlier columns (bool [K]).
+    """
+    a = x.to(torch.float16)
+    cols = torch.zeros(a.shape[-1], dtype=torch.bool, device=a.device)
+    if threshold > 0:
+        outliers = a.abs() >= threshold
+        cols = outliers.any(dim=0)
+        a = a.masked_fill(outliers, 0)
+    SCA = a.abs().amax(dim=1).float() if a.shape[1] else a.new_zeros(a.shape[0], dtype=torch.float32)  # noqa: N806
+    CA = torch.round(a * (127.0 / SCA.unsqueeze(-1)))  # noqa: N806: float32 (the row scale is float32)
+    CA = CA.masked_fill(~torch.isfinite(CA) | cols, 0).to(torch.int8)  # noqa: N806
+    return CA, SCA, cols
+
+
 def linear_8bit_ref(
     x: torch.Tensor,
     weight_int8: torch.Tensor,
-    SCB: torch.Tensor,
-    bias: torch.Tensor | None = None,  # noqa: N803
+    SCB: torch.Tensor,  # noqa: N803
+    bias: torch.Tensor | None = None,
+    *,
+    threshold: float | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, W, bias)`` with ``W = q * SCB / 127`` in x's dtype: the weight-only reference of an LLM.int8
-    layer (its int8 activation path differs from it by the activations' own int8 rounding)."""
-    from qtool.quantize import _ops, resolve_backend
+    """An LLM.int8 layer's ``y = x W^T + b``, W = ``weight_int8 * SCB / 127`` row by row.
 
-    ops = _ops(resolve_backend("auto", weight_int8.device))
-    return F.linear(x, ops["dequantize_8bit_rowwise"](weight_int8, SCB, dtype=x.dtype), bias)
+    ``threshold=None``: weight-only, ``F.linear(x, W, bias)`` with W in x's dtype.
+
+    ``threshold >= 0``: bnb ``Linear8bitLt``'s inference path (``MatMul8bitLt`` with ``int8_mixed_scaled_mm``): x
+    quantized by ``int8_activations_ref``; the int32 product ``CA @ weight_int8^T`` scaled by
+    ``SCA * SCB * LLM_INT8_SCALE`` in float32, plus bias, rounded to x's dtype; then, if any, the outlier columns of
+    x times W's columns ``(weight_int8 * SCB * INV_127)`` in x's dtype, added by ``addmm``. ``threshold=0`` is the
+    pure int8 product. On the CPU this gives bnb's output bit for bit.
+    """
+    if threshold is None:
+        from qtool.quantize import _ops, resolve_backend
+
+        ops = _ops(resolve_backend("auto", weight_int8.device))
+        return F.linear(x, ops["dequantize_8bit_rowwise"](weight_int8, SCB, dtype=x.dtype), bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    CA, SCA, cols = int8_activations_ref(x2, threshold)  # noqa: N806
+    # The int32 product, exactly (float64 holds every sum of K products of two int8 values for K < 2^38).
+    out32 = (CA.double() @ weight_int8.double().t()).to(torch.int32)
+    out = out32 * (SCA.unsqueeze(-1) * SCB.reshape(1, -1).float()) * LLM_INT8_SCALE
+    if bias is not None:
+        out += bias
+    out = out.to(x.dtype)
+    if bool(cols.any()):
+        idx = cols.nonzero().reshape(-1)
+        w_cols = (weight_int8[:, idx] * SCB.reshape(-1, 1).float() * INV_127).to(x.dtype)
+        out = out.addmm(x2[:, idx], w_cols.t())
+    return out.reshape(*x.shape[:-1], weight_int8.shape[0])
 
 
 @torch.library.custom_op("qtool::linear_4bit", mutates_args=())
@@ -116,12 +168,20 @@ def _(x, packed, absmax, quant_map, bias, nested_absmax, nested_quant_map, neste
 
 
 @torch.library.custom_op("qtool::linear_8bit", mutates_args=())
-def _linear_8bit_op(x: torch.Tensor, weight_int8: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # noqa: N803
-    return linear_8bit_ref(x, weight_int8, SCB, bias if bias.numel() else None)
+def _linear_8bit_op(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    SCB: torch.Tensor,  # noqa: N803
+    bias: torch.Tensor,
+    threshold: float,
+) -> torch.Tensor:
+    # threshold < 0 stands for None (weight-only): the op's schema takes a plain float.
+    return linear_8bit_ref(x, weight_int8, SCB, bias if bias.numel() else None,
+                           threshold=threshold if threshold >= 0 else None)  # fmt: skip
 
 
 @_linear_8bit_op.register_fake
-def _(x, weight_int8, SCB, bias):  # noqa: N803
+def _(x, weight_int8, SCB, bias, threshold):  # noqa: N803
     return x.new_empty((*x.shape[:-1], weight_int8.shape[0]))
 
 
@@ -151,13 +211,17 @@ def linear_4bit(
 def linear_8bit(
     x: torch.Tensor,
     weight_int8: torch.Tensor,
-    SCB: torch.Tensor,
-    bias: torch.Tensor | None = None,  # noqa: N803
+    SCB: torch.Tensor,  # noqa: N803
+    bias: torch.Tensor | None = None,
+    *,
+    threshold: float | None = DEFAULT_THRESHOLD,
 ) -> torch.Tensor:
     """``linear_8bit_ref``'s result through the custom op ``torch.ops.qtool.linear_8bit``."""
     if x.shape[-1] != weight_int8.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and an int8 weight {tuple(weight_int8.shape)} do not match")
-    return _linear_8bit_op(x, weight_int8, SCB, _none(bias, x))
+    if threshold is not None and not threshold >= 0:
+        raise ValueError(f"threshold must be None (weight-only) or >= 0, got {threshold}")
+    return _linear_8bit_op(x, weight_int8, SCB, _none(bias, x), -1.0 if threshold is None else float(threshold))
 
 
-__all__ = ["linear_4bit", "linear_8bit", "linear_4bit_ref", "linear_8bit_ref"]
+__all__ = ["linear_4bit", "linear_8bit", "linear_4bit_ref", "linear_8bit_ref", "int8_activations_ref"]

@@ -107,6 +107,7 @@ def load_model(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | N
             hint="the weights may belong to another checkpoint",
         )
     compute_dtype = _compute_dtype(config["quantization_config"])
+    threshold = _threshold(config["quantization_config"])
     model = _empty_model(library, class_name, folder)
     keep_fp32 = _keep_in_fp32(model, library, dtype)
 
@@ -119,7 +120,7 @@ def load_model(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | N
     with TensorReader(weights) as reader:
         for fqn, layer in layers.items():
             loaded |= set(layer.entries.values())
-            _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, loaded)
+            _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, threshold, loaded)
         unexpected = []
         for key in weights.tensors:
             if key not in loaded and not _set_tensor(model, key, lambda k=key: cast(k, reader.read(k))):
@@ -153,6 +154,14 @@ def _compute_dtype(quantization_config: dict) -> torch.dtype | None:
 
     name = quantization_config.get("bnb_4bit_compute_dtype")
     return DTYPES_BY_NAME.get(str(name).removeprefix("torch.")) if name else None
+
+
+def _threshold(quantization_config: dict) -> float:
+    """``llm_int8_threshold`` as bnb's Linear8bitLt takes it (6.0 when the config does not say)."""
+    from qtool.linear import DEFAULT_THRESHOLD
+
+    value = quantization_config.get("llm_int8_threshold")
+    return DEFAULT_THRESHOLD if value is None else float(value)
 
 
 @contextlib.contextmanager
@@ -216,7 +225,7 @@ def _keep_in_fp32(model, library: str, dtype: torch.dtype | None):
     return lambda key: any(re.search(rf"(^|\.){re.escape(n)}(\.|$)", key) for n in names)
 
 
-def _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, loaded: set[str]) -> None:
+def _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, threshold, loaded: set[str]) -> None:
     from qtool.formats import bnb4
     from qtool.nn import QuantLinear4bit, QuantLinear8bit
 
@@ -243,7 +252,7 @@ def _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dt
         if layer.bits == 4:
             new = QuantLinear4bit.from_entries(entries, bias, compute_dtype)
         else:
-            new = QuantLinear8bit.from_entries(entries, bias)
+            new = QuantLinear8bit.from_entries(entries, bias, threshold)
     except ValueError as exc:
         raise QtoolError(f"{weights.folder}: cannot load {fqn}: {exc}") from exc
     if (new.out_features, new.in_features) != (module.out_features, module.in_features):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from qtool.formats import bnb4, bnb8
-from qtool.linear import linear_4bit, linear_8bit
+from qtool.linear import DEFAULT_THRESHOLD, linear_4bit, linear_8bit
 
 _NATIVE = (torch.float32, torch.bfloat16)
 
@@ -149,27 +149,43 @@ class QuantLinear4bit(_QuantLinear):
 class QuantLinear8bit(_QuantLinear):
     """``y = x W^T + b`` with W stored as LLM.int8 rows: ``W = weight * SCB[:, None] / 127``.
 
-    Weight-only: the activations stay in their dtype (bnb's ``Linear8bitLt`` also rounds them to int8 outside its
-    outlier columns, which this layer does not; the difference is the activations' own int8 rounding error).
+    ``threshold`` (``llm_int8_threshold``, 6.0 by default as in bnb) picks bnb ``Linear8bitLt``'s inference math:
+    the activations are rounded to int8 row by row, except the columns holding an element of magnitude
+    ``>= threshold``, which are multiplied in 16-bit (``qtool.linear.linear_8bit_ref``); 0 is the pure int8 product.
+    ``threshold=None`` is weight-only: W dequantized to x's dtype, then ``F.linear`` (no activation rounding).
     """
 
-    def __init__(self, weight_int8: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None = None):  # noqa: N803
+    def __init__(
+        self,
+        weight_int8: torch.Tensor,
+        SCB: torch.Tensor,  # noqa: N803
+        bias: torch.Tensor | None = None,
+        threshold: float | None = DEFAULT_THRESHOLD,
+    ):
         super().__init__()
         if weight_int8.dtype != torch.int8 or weight_int8.dim() != 2 or SCB.numel() != weight_int8.shape[0]:
             raise ValueError(f"8-bit weight must be int8 [N, K] with SCB [N], got {tuple(weight_int8.shape)}")
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(f"threshold must be None (weight-only) or >= 0, got {threshold}")
         self.out_features, self.in_features = weight_int8.shape
+        self.threshold = threshold
         self.register_buffer("weight", weight_int8)
         self.register_buffer("SCB", SCB.reshape(-1).to(torch.float32))
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_entries(cls, entries: dict[str, torch.Tensor], bias: torch.Tensor | None = None) -> QuantLinear8bit:
+    def from_entries(
+        cls,
+        entries: dict[str, torch.Tensor],
+        bias: torch.Tensor | None = None,
+        threshold: float | None = DEFAULT_THRESHOLD,
+    ) -> QuantLinear8bit:
         weight, scb = bnb8.decode(entries)
-        return cls(weight, scb, bias)
+        return cls(weight, scb, bias, threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return linear_8bit(x, self.weight, self.SCB, bias)
+        return linear_8bit(x, self.weight, self.SCB, bias, threshold=self.threshold)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.bias is not None:
@@ -178,7 +194,8 @@ class QuantLinear8bit(_QuantLinear):
             destination[prefix + name] = tensor if keep_vars else tensor.detach()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        math = "weight-only" if self.threshold is None else f"threshold={self.threshold:g}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8, {math}"
 
 
 __all__ = ["QuantLinear4bit", "QuantLinear8bit"]

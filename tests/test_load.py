@@ -2,11 +2,11 @@
 
 The models: a tiny Llama causal LM (untied lm_head), a T5 encoder (its ``wo`` stays 16-bit) and the example
 pipeline's FLUX transformer, each in NF4, NF4 + double quant, FP4 and int8. The oracle is bitsandbytes loading the
-same folder on the CPU, run through its dequantize-then-``F.linear`` path: ``Linear4bit`` with its AVX512-BF16
-repacking off (that path rounds absmax to bf16 first) and ``Linear8bitLt`` in its weight-only ``MatMul8bitFp`` path
-(training mode on those layers alone; its inference path also rounds the activations to int8). That is the math of
-``qtool.linear``'s reference, and qtool's dequantization equals bnb's bit for bit (README, "Compatibility"), so the
-outputs must be equal bit for bit: no tolerance to derive.
+same folder on the CPU: ``Linear4bit`` through its dequantize-then-``F.linear`` path (its AVX512-BF16 repacking off:
+that path rounds absmax to bf16 first), ``Linear8bitLt`` through its inference path (LLM.int8: activations rounded to
+int8 outside the outlier columns, threshold 6). Those are the maths of ``qtool.linear``'s references, and qtool's
+dequantization equals bnb's bit for bit (README, "Compatibility"), so the outputs must be equal bit for bit: no
+tolerance to derive. ``threshold=None`` (weight-only) is checked against ``Linear8bitLt``'s ``MatMul8bitFp`` path.
 """
 
 from __future__ import annotations
@@ -70,12 +70,13 @@ def quantized(sources, tmp_path_factory):
     return get
 
 
-def bnb_same_math(model):
-    """bnb's CPU layers switched to dequantize + F.linear (see the module docstring)."""
+def bnb_same_math(model, weight_only: bool = False):
+    """bnb's CPU 4-bit layers switched to dequantize + F.linear (see the module docstring); with ``weight_only``,
+    its 8-bit layers too (``MatMul8bitFp``: training mode on those layers alone)."""
     for module in model.modules():
         if type(module).__name__ == "Linear4bit":
             module.support_avx512bf16_for_cpu = False
-        elif type(module).__name__ == "Linear8bitLt":
+        elif type(module).__name__ == "Linear8bitLt" and weight_only:
             module.train()
     return model
 
@@ -145,6 +146,30 @@ def test_loads_bnb_save_pretrained(sources, tmp_path, name, method):
     theirs = bnb_same_math(bnb_load(tmp_path / "bnb", library, class_name))
     check_like_bnb(ours, theirs)
     assert_equal(forward(ours, name), forward(theirs, name), "output")
+
+
+@pytest.mark.bnb
+def test_int8_threshold_from_config_and_weight_only(quantized, tmp_path):
+    """The layers take ``llm_int8_threshold`` from config.json (0: pure int8, as bnb runs it too); with the threshold
+    set to None they compute weight-only, as bnb's ``MatMul8bitFp`` path does."""
+    import shutil
+
+    folder = tmp_path / "t0"
+    shutil.copytree(quantized("llama", "int8"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["llm_int8_threshold"] = 0.0
+    (folder / "config.json").write_text(json.dumps(config))
+    library, class_name, _ = MODELS["llama"]
+    ours, theirs = qtool.load(folder), bnb_load(folder, library, class_name)
+    assert {m.threshold for m in ours.modules() if isinstance(m, QuantLinear8bit)} == {0.0}
+    assert {m.state.threshold for m in theirs.modules() if type(m).__name__ == "Linear8bitLt"} == {0.0}
+    assert_equal(forward(ours, "llama"), forward(theirs, "llama"), "output, threshold 0")
+    for module in ours.modules():
+        if isinstance(module, QuantLinear8bit):
+            module.threshold = None
+    weight_only = forward(ours, "llama")
+    assert_equal(weight_only, forward(bnb_same_math(theirs, weight_only=True), "llama"), "output, weight-only")
+    assert not torch.equal(weight_only, forward(qtool.load(folder), "llama"))  # the activations' rounding shows
 
 
 def test_pipeline(flux_outputs):
