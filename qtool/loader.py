@@ -225,7 +225,9 @@ def _keep_in_fp32(model, library: str, dtype: torch.dtype | None):
     return lambda key: any(re.search(rf"(^|\.){re.escape(n)}(\.|$)", key) for n in names)
 
 
-def _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, threshold, loaded: set[str]) -> None:
+def _replace_linear(
+    model, fqn, layer, reader, weights, cast, device, compute_dtype, threshold, loaded: set[str]
+) -> None:
     from qtool.formats import bnb4
     from qtool.nn import QuantLinear4bit, QuantLinear8bit
 

@@ -195,7 +195,8 @@ class QuantLinear8bit(_QuantLinear):
 
     def extra_repr(self) -> str:
         math = "weight-only" if self.threshold is None else f"threshold={self.threshold:g}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8, {math}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, int8, {math}"
 
 
 __all__ = ["QuantLinear4bit", "QuantLinear8bit"]
