@@ -29,34 +29,39 @@ from ._common import (
 )
 from .double_quant import rebuild_absmax
 
-# Rows of x a launch takes at most (the tensor cores' smallest M tile); larger M goes to dequantize + cuBLAS.
-MAX_M = 16
-GEMV_BLOCK_N = 64 if INTERPRETING else 32
-GEMV_BLOCK_K = 256
-GEMV_WARPS = 4
-GEMV_STAGES = 4
-# The CUDA-core variant for at most ROWS_MAX_M rows of x (one program row per x row).
+# The CUDA-core variant ("rows"): up to ROWS_MAX_M rows of x, one per program-grid row, K in whole BLOCK_K tiles.
 ROWS_MAX_M = 4
 ROWS_BLOCK_N = 16 if INTERPRETING else 8
-ROWS_BLOCK_K = 512  # H100 sweep (M=1): block_n 8, block_k 512, 2 warps 38.1 us; 4 warps 40.9 us
+ROWS_BLOCK_K = 512
 ROWS_WARPS = 2
+# The tensor-core variant ("dot"): tiles (BLOCK_M rows of x, BLOCK_N rows of W, BLOCK_K, warps, stages), one for a
+# few rows of x (decode) and one for many (prefill, diffusion). W's tile is the MMA's left operand (out^T = W x^T).
+DOT_SMALL_M = 16
+DOT_SMALL = (16, 32, 64, 4, 1) if INTERPRETING else (16, 64, 256, 4, 4)
+DOT_LARGE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 128, 64, 8, 3)
+GROUP_M = 8
 
 
-def supports(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> bool:
-    """Whether ``qtool.linear`` should call this kernel rather than dequantize + cuBLAS: one row of 16-bit x with K
-    in whole tiles of the CUDA-core variant, the one case where it was faster on the H100 (M=1 4096 -> 14336:
-    38 us against ~100 us; the tensor-core variant took 570-1500 us there: benchmarks/bench_matmul.py --sweep)."""
-    rows = x.numel() // max(k, 1)
-    return (
-        x.dtype in (torch.bfloat16, torch.float16) and rows == 1 and n > 0
-        and k % ROWS_BLOCK_K == 0 and ROWS_BLOCK_K % blocksize == 0
-    )  # fmt: skip
+# Which kernel serves which M on the GPU, from benchmarks/bench_matmul.py --sweep on the H100: (largest M, variant);
+# above the last entry, dequantize + cuBLAS.
+DISPATCH = ((ROWS_MAX_M, "rows"), (DOT_SMALL_M, "dot"))
+
+
+def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> str | None:
+    """The variant ``qtool.linear`` calls for x [..., K] against an [N, K] weight ("rows" or "dot"), or None where
+    dequantize + cuBLAS is faster (or no kernel takes the shape: 16-bit x, K a multiple of the blocksize)."""
+    m = x.numel() // max(k, 1)
+    if x.dtype not in (torch.bfloat16, torch.float16) or m == 0 or n == 0 or k % blocksize:
+        return None
+    for top, variant in DISPATCH:
+        if m <= top and (variant != "rows" or _rows_fit(m, k, blocksize, max(ROWS_BLOCK_K, blocksize))):
+            return variant
+    return None
 
 
 @triton.jit
-def _gemv_4bit_kernel(
-    # pointers
-    x_ptr,  # *bf16|fp16 [M, K], row stride stride_xm
+def _w4a16_dot_kernel(
+    x_ptr,  # *bf16|fp16 [M, K] (float32 with BF16_BY_HAND), row stride stride_xm
     packed_ptr,  # *u8 [N * K / 2], row-major W, element 2j in the high nibble
     absmax_ptr,  # *fp32 [nblocks], or *u8 codes with NESTED
     qmap_ptr,  # *fp32 [16]
@@ -65,54 +70,72 @@ def _gemv_4bit_kernel(
     offset_ptr,  # *fp32 [1] (NESTED only)
     bias_ptr,  # *bf16|fp16 [N] (HAS_BIAS only)
     out_ptr,  # *bf16|fp16 [M, N], row stride N
-    # sizes
     M,
     N,
     K,
     stride_xm,
-    # format constexprs
     QBLOCK: tl.constexpr,
     NESTED: tl.constexpr,
     NBLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    # tile constexprs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of QBLOCK
+    GROUP: tl.constexpr,
     STAGES: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr,  # interpreter: x and out are float32 copies; round W to bf16 by its bits
+    INTERLEAVE: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
+    # out^T tile [BLOCK_N, BLOCK_M] = W tile [BLOCK_N, BLOCK_K] @ x^T tile [BLOCK_K, BLOCK_M]: W, dequantized in
+    # registers as the reference does (quant_map[code] * absmax in float32, rounded to x's dtype), is the MMA's left
+    # operand, which can stay in registers; x goes through shared memory. INTERLEAVE puts each byte's two elements
+    # side by side (one dot over BLOCK_K, x loaded contiguous); otherwise the even and odd elements meet x's even
+    # and odd columns in two dots of BLOCK_K / 2 (no shuffle of W, x loaded with a stride of 2).
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group = tl.minimum(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group
+    pid_n = (pid % per_group) // group
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    offs_j = tl.arange(0, BLOCK_K // 2)  # bytes of a K tile: elements 2j, 2j + 1
+    mask_n = offs_n < N
+    offs_b = tl.arange(0, BLOCK_K // QBLOCK)
+    offs_j = tl.arange(0, QBLOCK // 2)
     dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        cols = k0 + 2 * offs_j  # [BLOCK_K / 2], the even columns
-        mask_k = cols < K
-        mask_w = mask_n[:, None] & mask_k[None, :]
-        elem = offs_n[:, None] * K + cols[None, :]  # flat index of the even element, [BLOCK_N, BLOCK_K / 2]
-        p = tl.load(packed_ptr + elem // 2, mask=mask_w, other=0).to(tl.int32)
-        blk = elem // QBLOCK  # both elements of a byte lie in one block (QBLOCK and 2j are even)
+        # [BLOCK_N, BLOCK_K / QBLOCK] blocks; a block never straddles rows (QBLOCK divides K here)
+        blk = (offs_n[:, None] * K + k0) // QBLOCK + offs_b[None, :]
+        mask_b = mask_n[:, None] & (k0 + offs_b * QBLOCK < K)[None, :]
         if NESTED:
-            a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask_w, NBLOCK)
+            a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask_b, NBLOCK)
         else:
-            a = tl.load(absmax_ptr + blk, mask=mask_w, other=0.0)
-        w_hi = _round_w(tl.load(qmap_ptr + (p >> 4)) * a, dtype, BF16_BY_HAND)
-        w_lo = _round_w(tl.load(qmap_ptr + (p & 15)) * a, dtype, BF16_BY_HAND)
-        x_even = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None] & mask_k[None, :],
+            a = tl.load(absmax_ptr + blk, mask=mask_b, other=0.0)
+        p = tl.load(packed_ptr + blk[:, :, None] * (QBLOCK // 2) + offs_j[None, None, :], mask=mask_b[:, :, None],
+                    other=0).to(tl.int32)  # fmt: skip
+        w_hi = _round_w(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND)
+        w_lo = _round_w(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND)
+        if INTERLEAVE:
+            w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK_N, BLOCK_K])
+            ks = k0 + tl.arange(0, BLOCK_K)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None], mask=mask_m[None, :] & (ks < K)[:, None],
                          other=0.0)  # fmt: skip
-        x_odd = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] + 1,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-        acc = tl.dot(x_even, tl.trans(w_hi), acc)
-        acc = tl.dot(x_odd, tl.trans(w_lo), acc)
+            acc = tl.dot(w, xt, acc)
+        else:
+            ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # the even columns
+            mask_x = mask_m[None, :] & (ke < K)[:, None]
+            x_even = tl.load(x_ptr + offs_m[None, :] * stride_xm + ke[:, None], mask=mask_x, other=0.0)
+            x_odd = tl.load(x_ptr + offs_m[None, :] * stride_xm + ke[:, None] + 1, mask=mask_x, other=0.0)
+            acc = tl.dot(tl.reshape(w_hi, [BLOCK_N, BLOCK_K // 2]), x_even, acc)
+            acc = tl.dot(tl.reshape(w_lo, [BLOCK_N, BLOCK_K // 2]), x_odd, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(dtype), mask=mask_m[:, None] & mask_n[None, :])
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + offs_m[None, :] * N + offs_n[:, None]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
 @triton.jit
@@ -125,7 +148,7 @@ def _round_w(w, dtype, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _gemv_4bit_rows_kernel(
+def _w4a16_rows_kernel(
     x_ptr,  # *bf16|fp16 [M, K]
     packed_ptr,  # *u8 [N * K / 2]
     absmax_ptr,  # *fp32 [nblocks], or *u8 codes with NESTED
@@ -145,10 +168,14 @@ def _gemv_4bit_rows_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
+    SCALE_AFTER: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
     # Few rows of x: CUDA-core products and row sums (no tensor-core layout shuffles), one x row per program axis 1.
-    # The tile is [BLOCK_N, BLOCK_K / QBLOCK, QBLOCK / 2] bytes so each block's absmax is loaded once.
+    # The tile is [BLOCK_N, BLOCK_K / QBLOCK, QBLOCK / 2] bytes so each block's absmax is loaded once. SCALE_AFTER
+    # sums quant_map[code] * x over each block in float32 and multiplies the sum by the block's absmax (one multiply
+    # a block instead of two a byte, W never rounded to 16-bit: nearer the exact product than the reference);
+    # otherwise W is dequantized and rounded as the reference does.
     pid = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,12 +192,16 @@ def _gemv_4bit_rows_kernel(
             a = tl.load(absmax_ptr + blk, mask=mask_n[:, None], other=0.0)
         byte = blk[:, :, None] * (QBLOCK // 2) + offs_j[None, None, :]
         p = tl.load(packed_ptr + byte, mask=mask_n[:, None, None], other=0).to(tl.int32)
-        w_hi = _round_w(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
-        w_lo = _round_w(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
         cols = k0 + offs_b[:, None] * QBLOCK + 2 * offs_j[None, :]  # [BLOCK_K / QBLOCK, QBLOCK / 2]
         x_even = tl.load(x_ptr + row * stride_xm + cols).to(tl.float32)
         x_odd = tl.load(x_ptr + row * stride_xm + cols + 1).to(tl.float32)
-        acc += tl.sum(tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2), axis=1)
+        if SCALE_AFTER:
+            c = tl.load(qmap_ptr + (p >> 4)) * x_even[None, :, :] + tl.load(qmap_ptr + (p & 15)) * x_odd[None, :, :]
+            acc += tl.sum(tl.sum(c, axis=2) * a, axis=1)
+        else:
+            w_hi = _round_w(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
+            w_lo = _round_w(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
+            acc += tl.sum(tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2), axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -188,18 +219,23 @@ def linear_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_quant_map: torch.Tensor | None = None,
     nested_offset: torch.Tensor | float | None = None,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    num_warps: int | None = None,
-    stages: int | None = None,
     variant: str | None = None,
+    tile: tuple[int, int, int, int, int] | None = None,
+    interleave: bool = True,
+    scale_after: bool = True,
 ) -> torch.Tensor:
-    """Triton twin of ``qtool.linear.linear_4bit_ref`` for ``supports(x, *shape)``: [..., K] -> [..., N] in x's
-    dtype. Never waits for the GPU."""
+    """Triton twin of ``qtool.linear.linear_4bit_ref``: 16-bit [..., K] -> [..., N] in x's dtype.
+
+    ``variant``: "rows" (CUDA cores; at most ``ROWS_MAX_M`` rows of x, K a multiple of the K tile) or "dot" (tensor
+    cores, any M); None picks "rows" where it can, else "dot". ``tile``: "rows" (BLOCK_N, BLOCK_K, warps), "dot"
+    (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None: the defaults above. ``interleave`` / ``scale_after``: the
+    "dot" / "rows" kernel's options (see the kernels). Never waits for the GPU."""
     n, k = shape
     rows = x.numel() // max(k, 1)
-    if x.dtype not in (torch.bfloat16, torch.float16) or not 0 < rows <= MAX_M or k % 2:
-        raise ValueError(f"linear_4bit's kernel takes 16-bit x of at most {MAX_M} rows and even K: {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16) or rows == 0 or k % blocksize:
+        raise ValueError(f"linear_4bit's kernels take 16-bit x and K a multiple of the blocksize: {tuple(x.shape)}")
+    if variant not in (None, "rows", "dot"):
+        raise ValueError(f"variant must be 'rows' or 'dot', got {variant!r}")
     check_device(x, packed, absmax, quant_map)
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
@@ -219,52 +255,36 @@ def linear_4bit(
         )
     else:
         nested_args = (absmax, absmax, absmax)  # unused placeholders
-    rows_k = block_k or ROWS_BLOCK_K
-    if variant not in (None, "rows", "dot"):
-        raise ValueError(f"variant must be 'rows' or 'dot', got {variant!r}")
     args = (
         x2, packed.reshape(-1).view(torch.uint8), absmax if nested else absmax.to(torch.float32),
         quant_map.to(torch.float32), *nested_args, bias if bias is not None else out, out, m, n, k, x2.stride(0),
     )  # fmt: skip
     common = {"QBLOCK": blocksize, "NESTED": nested, "NBLOCK": NESTED_BLOCKSIZE, "HAS_BIAS": bias is not None,
               "BF16_BY_HAND": by_hand, **launch_options()}  # fmt: skip
+    if variant is None:
+        variant = "rows" if _rows_fit(m, k, blocksize, tile[1] if tile else ROWS_BLOCK_K) else "dot"
     with device_guard(x):
-        if variant == "rows" or (variant is None and m <= ROWS_MAX_M and k % rows_k == 0 and rows_k % blocksize == 0):
-            block_n = block_n or ROWS_BLOCK_N
-            _gemv_4bit_rows_kernel[(triton.cdiv(n, block_n), m)](
-                *args, BLOCK_N=block_n, BLOCK_K=rows_k, **common, **warps_option(num_warps, ROWS_WARPS)
-            )
+        if variant == "rows":
+            block_n, block_k, warps = tile or (ROWS_BLOCK_N, max(ROWS_BLOCK_K, blocksize), ROWS_WARPS)
+            if not _rows_fit(m, k, blocksize, block_k):
+                raise ValueError(f"the rows variant takes at most {ROWS_MAX_M} rows and K in whole {block_k} tiles")
+            _w4a16_rows_kernel[(triton.cdiv(n, block_n), m)](
+                *args, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_AFTER=scale_after, **common,
+                **warps_option(warps, warps),
+            )  # fmt: skip
         else:
-            block_n = block_n or GEMV_BLOCK_N
-            _gemv_4bit_kernel[(triton.cdiv(n, block_n),)](
-                *args, BLOCK_M=MAX_M, BLOCK_N=block_n, BLOCK_K=block_k or GEMV_BLOCK_K, STAGES=stages or GEMV_STAGES,
-                **common, **warps_option(num_warps, GEMV_WARPS),
+            block_m, block_n, block_k, warps, stages = tile or (DOT_SMALL if m <= DOT_SMALL_M else DOT_LARGE)
+            if tile is None:
+                block_k = max(block_k, blocksize)  # blocksizes are powers of two
+            if block_k % blocksize:
+                raise ValueError(f"the dot variant's K tile ({block_k}) must be a multiple of the blocksize")
+            grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+            _w4a16_dot_kernel[grid](
+                *args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M, STAGES=stages,
+                INTERLEAVE=interleave, **common, **warps_option(warps, warps),
             )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
-    block_n = block_n or GEMV_BLOCK_N
-    with device_guard(x):
-        _gemv_4bit_kernel[(triton.cdiv(n, block_n),)](
-            x2,
-            packed.reshape(-1).view(torch.uint8),
-            absmax if nested else absmax.to(torch.float32),
-            quant_map.to(torch.float32),
-            *nested_args,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            k,
-            x2.stride(0),
-            QBLOCK=blocksize,
-            NESTED=nested,
-            NBLOCK=NESTED_BLOCKSIZE,
-            HAS_BIAS=bias is not None,
-            BLOCK_M=MAX_M,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k or GEMV_BLOCK_K,
-            STAGES=stages or GEMV_STAGES,
-            BF16_BY_HAND=by_hand,
-            **warps_option(num_warps, GEMV_WARPS),
-            **launch_options(),
-        )
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _rows_fit(m: int, k: int, blocksize: int, block_k: int) -> bool:
+    return m <= ROWS_MAX_M and k % block_k == 0 and block_k % blocksize == 0

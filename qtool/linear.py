@@ -2,9 +2,10 @@
 
 ``linear_4bit`` and ``linear_8bit`` are PyTorch custom ops (``torch.ops.qtool.*``), so ``torch.compile`` sees one
 opaque call per layer instead of tracing a kernel launcher (no graph break). Their reference is dequantize, then
-``F.linear`` in the activation's dtype (``linear_4bit_ref`` / ``linear_8bit_ref``: the CPU path and the oracle); on
-CUDA tensors they dispatch to the Triton kernels in ``qtool.kernels.matmul_4bit`` where one exists for the shape, and
-to the fused Triton dequantize + cuBLAS otherwise.
+``F.linear`` in the activation's dtype for 4-bit, LLM.int8's math for 8-bit (``linear_4bit_ref`` / ``linear_8bit_ref``:
+the CPU path and the oracle); on CUDA tensors they dispatch to the Triton kernels in ``qtool.kernels.matmul_4bit``
+(where ``matmul_4bit.choose`` picks one for the shape; the fused Triton dequantize + cuBLAS otherwise) and
+``qtool.kernels.matmul_8bit``.
 
 ``QuantLinear4bit`` / ``QuantLinear8bit`` hold a layer's stored tensors as buffers (on-disk names) and call them.
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from qtool.reference.codebooks import NESTED_BLOCKSIZE
+from qtool.reference.quant8 import INV_127
 
 # With the nested tensors absent, the op still needs tensors in their places (custom ops take no Optional[Tensor]
 # lists by position in every torch version): a 0-element tensor stands for "none".
@@ -67,9 +69,8 @@ def linear_4bit_ref(
     return F.linear(x, w, bias)
 
 
-# bnb's constants (``int8_mm_dequant``, ``int8_vectorwise_dequant``): 1/127^2 and 1/127 as float32 literals.
+# bnb's 1/127^2 as ``int8_mm_dequant`` writes it (1/127 is ``quant8.INV_127``, ``int8_vectorwise_dequant``'s).
 LLM_INT8_SCALE = 6.200124e-05
-INV_127 = 7.874015718698502e-3
 # ``llm_int8_threshold``'s default in transformers' and diffusers' BitsAndBytesConfig.
 DEFAULT_THRESHOLD = 6.0
 
@@ -78,10 +79,12 @@ def int8_activations_ref(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     """LLM.int8's activation quantization, as bnb's ``int8_vectorwise_quant`` does it, for a [M, K] x.
 
     x is cast to float16 first (bnb's ``MatMul8bitLt`` does; for bf16 x that is exact in float16's normal range).
-    With ``threshold > 0`` an element with ``|x| >= threshold`` is an outlier: it is left out of its row's absmax,
-    and every column holding one is an outlier column, zero in ``CA`` (its products are taken in 16-bit instead).
-    Returns ``CA`` (int8 [M, K]: ``round(x * 127 / SCA)``, half to even; 0 in a row whose SCA is 0), ``SCA``
-    (float32 [M]: each row's absmax over the elements that are not outliers) and the outlier columns (bool [K]).
+    With ``threshold > 0`` an element with ``|x| >= threshold`` is an outlier: it is left out of its row's absmax
+    and its code is 0; every column holding one is an outlier column, which the matmul takes in 16-bit instead
+    (bnb also zeroes those columns of ``CA``; the matmul does that here, so one pass over x gives all three).
+    Returns ``CA`` (int8 [M, K]: ``round(x * ((1 / SCA) * 127))`` in float32, half to even; 0 for outliers and in a row
+    whose SCA is 0), ``SCA`` (float32 [M]: each row's absmax over the elements that are not outliers) and the
+    outlier columns (bool [K]).
     """
     a = x.to(torch.float16)
     cols = torch.zeros(a.shape[-1], dtype=torch.bool, device=a.device)
@@ -90,8 +93,9 @@ def int8_activations_ref(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
         cols = outliers.any(dim=0)
         a = a.masked_fill(outliers, 0)
     SCA = a.abs().amax(dim=1).float() if a.shape[1] else a.new_zeros(a.shape[0], dtype=torch.float32)  # noqa: N806
-    CA = torch.round(a * (127.0 / SCA.unsqueeze(-1)))  # noqa: N806: float32 (the row scale is float32)
-    CA = CA.masked_fill(~torch.isfinite(CA) | cols, 0).to(torch.int8)  # noqa: N806
+    # bnb's expression; PyTorch evaluates 127.0 / t as t.reciprocal() * 127 (two float32 roundings)
+    CA = torch.round(a * (127.0 / SCA.unsqueeze(-1)))  # noqa: N806
+    CA = CA.masked_fill(~torch.isfinite(CA), 0).to(torch.int8)  # noqa: N806
     return CA, SCA, cols
 
 
@@ -109,8 +113,9 @@ def linear_8bit_ref(
 
     ``threshold >= 0``: bnb ``Linear8bitLt``'s inference path (``MatMul8bitLt`` with ``int8_mixed_scaled_mm``): x
     quantized by ``int8_activations_ref``; the int32 product ``CA @ weight_int8^T`` scaled by
-    ``SCA * SCB * LLM_INT8_SCALE`` in float32, plus bias, rounded to x's dtype; then, if any, the outlier columns of
-    x times W's columns ``(weight_int8 * SCB * INV_127)`` in x's dtype, added by ``addmm``. ``threshold=0`` is the
+    ``SCA * SCB * LLM_INT8_SCALE`` in float32 (the outlier columns left out), plus bias, rounded to x's dtype;
+    then, if any, the outlier columns of x times W's columns ``(weight_int8 * SCB * INV_127)`` in x's dtype, added by
+    ``addmm``. ``threshold=0`` is the
     pure int8 product. On the CPU this gives bnb's output bit for bit.
     """
     if threshold is None:
@@ -121,7 +126,7 @@ def linear_8bit_ref(
     x2 = x.reshape(-1, x.shape[-1])
     CA, SCA, cols = int8_activations_ref(x2, threshold)  # noqa: N806
     # The int32 product, exactly (float64 holds every sum of K products of two int8 values for K < 2^38).
-    out32 = (CA.double() @ weight_int8.double().t()).to(torch.int32)
+    out32 = (CA.masked_fill(cols, 0).double() @ weight_int8.double().t()).to(torch.int32)
     out = out32 * (SCA.unsqueeze(-1) * SCB.reshape(1, -1).float()) * LLM_INT8_SCALE
     if bias is not None:
         out += bias
@@ -151,11 +156,12 @@ def _linear_4bit_op(
     if x.is_cuda:
         from qtool.kernels import matmul_4bit
 
-        if matmul_4bit.supports(x, n, k, blocksize):
+        variant = matmul_4bit.choose(x, n, k, blocksize)
+        if variant is not None:
             return matmul_4bit.linear_4bit(
                 x, packed, absmax, quant_map, bias if bias.numel() else None, blocksize=blocksize, shape=(n, k),
                 nested_absmax=nested_absmax if nested else None, nested_quant_map=nested_quant_map if nested else None,
-                nested_offset=nested_offset if nested else None,
+                nested_offset=nested_offset if nested else None, variant=variant,
             )  # fmt: skip
     w = _dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
                          (n, k), x.dtype)  # fmt: skip
@@ -176,8 +182,12 @@ def _linear_8bit_op(
     threshold: float,
 ) -> torch.Tensor:
     # threshold < 0 stands for None (weight-only): the op's schema takes a plain float.
-    return linear_8bit_ref(x, weight_int8, SCB, bias if bias.numel() else None,
-                           threshold=threshold if threshold >= 0 else None)  # fmt: skip
+    b = bias if bias.numel() else None
+    if x.is_cuda and threshold >= 0 and x.dtype in (torch.bfloat16, torch.float16) and x.numel():
+        from qtool.kernels import matmul_8bit
+
+        return matmul_8bit.linear_8bit(x, weight_int8, SCB, b, threshold=threshold)
+    return linear_8bit_ref(x, weight_int8, SCB, b, threshold=threshold if threshold >= 0 else None)
 
 
 @_linear_8bit_op.register_fake

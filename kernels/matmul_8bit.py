@@ -1,0 +1,249 @@
+"""W8A8 with LLM.int8's outliers: ``y = x W^T + b`` for W in bnb's row-wise int8 format, on the int8 tensor cores.
+
+Twins (and oracles): ``int8_activations`` is ``qtool.linear.int8_activations_ref`` bit for bit; ``linear_8bit`` is
+``qtool.linear.linear_8bit_ref`` with a threshold (bnb ``Linear8bitLt``'s inference math).
+
+Two launches, no host sync (so CUDA graphs and ``torch.compile`` keep the layer whole):
+
+1. ``_int8_activations_kernel``, one pass over x: each row's absmax over the elements below the threshold, the
+   int8 codes (outliers 0), and a flag for every column that holds an outlier (programs only ever store 1 into
+   the zeroed flags, so their races are harmless).
+2. ``_int8_matmul_kernel``: the int32 product of the codes on the tensor cores over all K. Then, only where a K
+   tile holds a flagged column (one flag load per tile; none without a threshold), the codes of those columns are
+   taken back out of the int32 sum (bnb zeroes them before its product: the integer sums are the same) and the
+   columns are multiplied in 16-bit against W's dequantized columns instead. The epilogue scales by
+   ``SCA * SCB * LLM_INT8_SCALE`` in float32, adds the bias, rounds to x's dtype (as bnb's ``int8_mm_dequant``
+   does) and adds the 16-bit part with one more rounding (bnb's ``addmm``).
+
+Under the interpreter bf16 x comes in as a float32 copy and every bf16 rounding is done on the bits (cpu-testing.md
+§2.2), so the CPU tests see the GPU's arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtool.linear import LLM_INT8_SCALE
+from qtool.reference.quant8 import INV_127
+
+from ._common import INTERPRETING, bf16_rne_bits, check_device, device_guard, launch_options, warps_option
+from .quant_8bit import round_to_int8
+
+_SCALE = tl.constexpr(LLM_INT8_SCALE)
+_INV_127 = tl.constexpr(INV_127)
+
+# Activation quantization: rows per program and the K chunk (two passes over K when a row is longer).
+ACT_ROWS = 16 if INTERPRETING else 1
+ACT_BLOCK_K = 4096 if INTERPRETING else 2048
+ACT_WARPS = 4
+# Matmul tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for a large M and for a few rows (decode).
+LARGE_TILE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 256, 128, 8, 3)
+SMALL_TILE = (16, 32, 64, 4, 1) if INTERPRETING else (16, 64, 256, 4, 4)
+SMALL_M = 16
+GROUP_M = 8
+
+
+@triton.jit
+def _int8_activations_kernel(
+    x_ptr,  # *fp16|bf16|fp32 [M, K], row stride stride_xm
+    ca_ptr,  # *i8 [M, K]
+    sca_ptr,  # *fp32 [M]
+    cols_ptr,  # *i32 [K], zeroed by the caller (THRESHOLD only)
+    M,
+    K,
+    stride_xm,
+    threshold,
+    THRESHOLD: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    mask_m = offs_m < M
+    absmax = tl.zeros([ROWS], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = _load_fp16(x_ptr, offs_m, mask_m, k0, K, stride_xm, BLOCK_K)
+        if THRESHOLD:
+            out = tl.abs(a) >= threshold
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            hit = tl.max(out.to(tl.int32), axis=0)
+            tl.store(cols_ptr + offs_k, hit, mask=(offs_k < K) & (hit > 0))
+            a = tl.where(out, 0.0, a)
+        absmax = tl.maximum(absmax, tl.max(tl.abs(a), axis=1))
+    # bnb: A * (127.0 / row_stats), which PyTorch computes as row_stats.reciprocal() * 127: two float32 roundings
+    # (div_rn: Triton's "/" is approximate on the GPU).
+    scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
+    for k0 in range(0, K, BLOCK_K):
+        a = _load_fp16(x_ptr, offs_m, mask_m, k0, K, stride_xm, BLOCK_K)
+        if THRESHOLD:
+            a = tl.where(tl.abs(a) >= threshold, 0.0, a)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_m[:, None] & (offs_k < K)[None, :]
+        tl.store(ca_ptr + offs_m[:, None] * K + offs_k[None, :], round_to_int8(a * scale[:, None]), mask=mask)
+    tl.store(sca_ptr + offs_m, absmax, mask=mask_m)
+
+
+@triton.jit
+def _load_fp16(x_ptr, offs_m, mask_m, k0, K, stride_xm, BLOCK_K: tl.constexpr):
+    # x's float16 cast (bnb quantizes A.to(float16)) as float32, [ROWS, BLOCK_K] from column k0.
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = mask_m[:, None] & (offs_k < K)[None, :]
+    a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    return a.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _int8_matmul_kernel(
+    ca_ptr,  # *i8 [M, K]
+    cb_ptr,  # *i8 [N, K]: the stored weight
+    sca_ptr,  # *fp32 [M]
+    scb_ptr,  # *fp32 [N]
+    x_ptr,  # *bf16|fp16 [M, K] (float32 under the interpreter with BY_HAND), row stride stride_xm (OUTLIERS)
+    cols_ptr,  # *i32 [K] outlier-column flags (OUTLIERS)
+    bias_ptr,  # *bf16|fp16 [N] (HAS_BIAS)
+    out_ptr,  # *bf16|fp16 [M, N] (float32 with BY_HAND)
+    M,
+    N,
+    K,
+    stride_xm,
+    OUTLIERS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    STAGES: tl.constexpr,
+    BY_HAND: tl.constexpr,
+):
+    # Grouped launch order: GROUP row tiles share each column tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group = tl.minimum(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group
+    pid_n = (pid % per_group) // group
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = ca_ptr + offs_m[:, None] * K + offs_k[None, :]
+    b_ptrs = cb_ptr + offs_n[:, None] * K + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        mask_k = (k0 + offs_k < K)[None, :]
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k, other=0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k, other=0)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    sca = tl.load(sca_ptr + offs_m, mask=mask_m, other=0.0)
+    scb = tl.load(scb_ptr + offs_n, mask=mask_n, other=0.0)
+    if OUTLIERS:
+        sub = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            flag = tl.load(cols_ptr + ks, mask=ks < K, other=0)
+            if tl.max(flag, axis=0) > 0:
+                keep = (flag > 0)[None, :]
+                a = tl.load(ca_ptr + offs_m[:, None] * K + ks[None, :], mask=mask_m[:, None] & keep, other=0)
+                b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & keep, other=0)
+                acc -= tl.dot(a, tl.trans(b))
+                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=mask_m[:, None] & keep, other=0.0)
+                # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
+                w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
+                sub = tl.dot(xo, tl.trans(w), sub)
+    y = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * _SCALE
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if OUTLIERS:
+        y = _round(y, out_ptr.dtype.element_ty, BY_HAND).to(tl.float32) + sub
+    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _round(v, dtype, BY_HAND: tl.constexpr):
+    # v rounded to the 16-bit dtype (to nearest even); with BY_HAND (the interpreter, whose casts to bf16 truncate)
+    # a float32 holding the bf16-rounded value.
+    if BY_HAND:
+        return (bf16_rne_bits(v) << 16).to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+def int8_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of ``qtool.linear.int8_activations_ref`` for a [M, K] x: int8 CA, float32 SCA and the outlier
+    columns (bool [K]; all False without a threshold). Never waits for the GPU."""
+    if x.dim() != 2:
+        raise ValueError(f"int8_activations takes a [M, K] x, got {tuple(x.shape)}")
+    check_device(x)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    ca = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sca = torch.empty(m, dtype=torch.float32, device=x.device)
+    cols = torch.zeros(k, dtype=torch.int32, device=x.device)
+    _launch_activations(x, ca, sca, cols, threshold)
+    return ca, sca, cols.bool()
+
+
+def _launch_activations(x, ca, sca, cols, threshold: float) -> None:
+    m, k = x.shape
+    with device_guard(x):
+        _int8_activations_kernel[(triton.cdiv(m, ACT_ROWS),)](
+            x, ca, sca, cols, m, k, x.stride(0), float(threshold), THRESHOLD=threshold > 0, ROWS=ACT_ROWS,
+            BLOCK_K=min(ACT_BLOCK_K, triton.next_power_of_2(k)), **warps_option(None, ACT_WARPS), **launch_options(),
+        )  # fmt: skip
+
+
+def linear_8bit(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    SCB: torch.Tensor,  # noqa: N803
+    bias: torch.Tensor | None = None,
+    *,
+    threshold: float,
+    tile: tuple[int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """Triton twin of ``qtool.linear.linear_8bit_ref(..., threshold=threshold)`` for 16-bit x: [..., K] -> [..., N].
+
+    ``tile`` = (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the matmul; by default ``SMALL_TILE`` up to
+    ``SMALL_M`` rows of x, ``LARGE_TILE`` above. Never waits for the GPU."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"linear_8bit's kernel takes bf16 or fp16 x, got {x.dtype}")
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    n, k = weight_int8.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x {tuple(x.shape)} and an int8 weight {tuple(weight_int8.shape)} do not match")
+    check_device(x, weight_int8, SCB)
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    ca = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    sca = torch.empty(m, dtype=torch.float32, device=x.device)
+    outliers = threshold > 0
+    cols = torch.zeros(k if outliers else 1, dtype=torch.int32, device=x.device)
+    _launch_activations(x2, ca, sca, cols, threshold)
+    by_hand = INTERPRETING and x.dtype == torch.bfloat16
+    if by_hand:  # the interpreter's bf16 arithmetic is not the GPU's (cpu-testing.md §2.2)
+        x2 = x2.float()
+        bias = bias.float() if bias is not None else None
+    out = torch.empty((m, n), dtype=x2.dtype, device=x.device)
+    block_m, block_n, block_k, warps, stages = tile or (SMALL_TILE if m <= SMALL_M else LARGE_TILE)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    with device_guard(x):
+        _int8_matmul_kernel[grid](
+            ca, weight_int8, sca, SCB.reshape(-1).to(torch.float32), x2, cols, bias if bias is not None else out, out,
+            m, n, k, x2.stride(0), OUTLIERS=outliers, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, GROUP=GROUP_M, STAGES=stages, BY_HAND=by_hand, **warps_option(warps, warps),
+            **launch_options(),
+        )  # fmt: skip
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+__all__ = ["int8_activations", "linear_8bit"]
