@@ -31,6 +31,9 @@ CASES = {
     "decode": [(1, 4096, 14336), (16, 4096, 14336), (1, 3072, 3072), (1, 3072, 12288)],
     "flux": [(4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 3072)],
 }
+# LLM.int8 (threshold 6): the same shapes; "+outliers" puts 8 columns of x at 10x scale, so they hold outliers (as
+# trained LLMs' activations do) and the 16-bit part runs.
+INT8_CASES = [(1, 4096, 14336), (16, 4096, 14336), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 3072, 3072)]
 
 
 def bench(fn) -> tuple[float, float]:
@@ -51,45 +54,94 @@ def bench(fn) -> tuple[float, float]:
     return gpu, host
 
 
-def sweep() -> None:
-    """Time kernels.matmul_4bit.linear_4bit over tile configurations on the decode cases (the defaults' source)."""
+def sweep(out: Path | None) -> None:
+    """Time the kernels' tile configurations (the defaults' source): kernels.matmul_4bit's two variants at one, 16
+    and 4608 rows, kernels.matmul_8bit at 16 and 4608 rows. The fastest per case are printed; all go to ``out``."""
+    import csv
     import itertools
 
     from qtool.formats import bnb4
-    from qtool.kernels import matmul_4bit
+    from qtool.kernels import matmul_4bit, matmul_8bit
     from qtool.quantize import quantize_tensor
 
-    for m, k, n in [(1, 4096, 14336), (4, 4096, 14336), (1, 3072, 3072)]:
+    product = itertools.product
+    rows_cfgs = [("rows", dict(tile=t, scale_after=sa))
+                 for t in product((4, 8, 16, 32), (256, 512, 1024), (1, 2, 4)) for sa in (True, False)]  # fmt: skip
+    small_dot = [("dot", dict(tile=(16, bn, bk, 4, st), interleave=il))
+                 for bn, bk, st, il in product((32, 64, 128), (64, 128, 256), (2, 4), (True, False))]  # fmt: skip
+    large_dot = [("dot", dict(tile=t, interleave=il)) for t, il in product(
+        [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
+         (64, 128, 64, 4, 4), (128, 64, 128, 4, 4), (256, 128, 128, 8, 2)], (True, False))]  # fmt: skip
+    int8_small = [("int8", dict(tile=t)) for t in product((16,), (32, 64, 128), (128, 256), (4,), (3, 4))]
+    int8_large = [("int8", dict(tile=t)) for t in [
+        (128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
+        (64, 256, 128, 4, 4), (128, 256, 64, 8, 4), (256, 256, 64, 8, 3), (128, 128, 256, 8, 3)]]  # fmt: skip
+    plan = [
+        ((1, 4096, 14336), rows_cfgs + small_dot),
+        ((4, 4096, 14336), rows_cfgs[::2] + small_dot[::3]),
+        ((16, 4096, 14336), small_dot + int8_small),
+        ((1, 3072, 3072), rows_cfgs[::2]),
+        ((4608, 3072, 12288), large_dot + int8_large),
+        ((4608, 12288, 3072), large_dot + int8_large),
+        ((4608, 3072, 3072), large_dot[::2] + int8_large[::2]),
+    ]
+    records = []
+    for (m, k, n), configs in plan:
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         packed, state = bnb4.decode(quantize_tensor(w))
+        w8, scb8 = bnb8_weight(w)
         results = []
-        configs = [("dot", bn, bk, w, st) for bn, bk, w, st in itertools.product((32, 64), (256,), (4, 8), (3,))]
-        if m <= matmul_4bit.ROWS_MAX_M:
-            configs += [
-                ("rows", bn, bk, w, 1) for bn, bk, w in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))
-            ]
-        for variant, bn, bk, warps, stages in configs:
-            fn = partial(matmul_4bit.linear_4bit, x, packed, state.absmax, state.quant_map, blocksize=64, shape=(n, k),
-                         block_n=bn, block_k=bk, num_warps=warps, stages=stages, variant=variant)  # fmt: skip
+        for kind, opts in configs:
+            if kind == "int8":
+                fn = partial(matmul_8bit.linear_8bit, x, w8, scb8, threshold=6.0, **opts)
+            else:
+                fn = partial(matmul_4bit.linear_4bit, x, packed, state.absmax, state.quant_map, blocksize=64,
+                             shape=(n, k), variant=kind, **opts)  # fmt: skip
             try:
-                results.append((bench(fn)[0], variant, bn, bk, warps, stages))
-            except Exception as e:  # noqa: BLE001 (a configuration that does not compile or fit)
-                print(f"  {variant} bn {bn} bk {bk} warps {warps} stages {stages}: {type(e).__name__}")
-        for r in sorted(results)[:6]:
-            print(f"M={m} {k}->{n}: {r[0]:.2f} us  {r[1]} block_n {r[2]} block_k {r[3]} warps {r[4]} stages {r[5]}")
+                t = bench(fn)[0]
+            except Exception as e:  # noqa: BLE001 (a configuration that does not compile, fit or apply)
+                print(f"  M={m} {k}->{n} {kind} {opts}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                continue
+            results.append((t, kind, opts))
+            records.append({"shape": f"M={m} {k}->{n}", "kind": kind, "opts": repr(opts), "us": round(t, 2)})
+        for t, kind, opts in sorted(results, key=lambda r: r[0])[:8]:
+            print(f"M={m} {k}->{n}: {t:9.2f} us  {kind} {opts}", flush=True)
+        for kind in ("rows", "dot", "int8"):
+            best = min((r for r in results if r[1] == kind), key=lambda r: r[0], default=None)
+            if best:
+                print(f"M={m} {k}->{n}: best {kind}: {best[0]:.2f} us {best[2]}", flush=True)
+        t_bf16 = bench(partial(F.linear, x, w))[0]
+        print(f"M={m} {k}->{n}: bf16 {t_bf16:.2f} us", flush=True)
+        records.append({"shape": f"M={m} {k}->{n}", "kind": "bf16", "opts": "", "us": round(t_bf16, 2)})
+    if out:
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["shape", "kind", "opts", "us"])
+            writer.writeheader()
+            writer.writerows(records)
+        print(f"wrote {len(records)} sweep rows to {out}")
+
+
+def bnb8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W as qtool writes it in 8-bit: int8 rows and their absmax (SCB)."""
+    from qtool.formats import bnb8
+    from qtool.quantize import quantize_tensor
+
+    return bnb8.decode(quantize_tensor(w, bits=8))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=_results.RESULTS / "matmul.csv")
-    parser.add_argument("--cases", default="decode,flux")
+    parser.add_argument("--cases", default="decode,flux", help="4-bit case groups (decode, flux), or none")
+    parser.add_argument("--int8", action="store_true", help="also the LLM.int8 cases")
     parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--sweep", action="store_true", help="time the GEMV kernel's tile configurations and stop")
+    parser.add_argument("--sweep", action="store_true", help="time the kernels' tile configurations and stop")
+    parser.add_argument("--sweep-out", type=Path, default=None, help="CSV for every configuration --sweep times")
     args = parser.parse_args()
     if args.sweep:
-        return sweep()
-    cases = [c for name in args.cases.split(",") for c in CASES[name]]
+        return sweep(args.sweep_out)
+    cases = [c for name in args.cases.split(",") if name != "none" for c in CASES[name]]
     if args.dry_run:
         for m, k, n in cases:
             print(f"M={m} {k}->{n}: qtool nf4 / nf4-dq, bnb nf4 / nf4-dq, bf16")
@@ -143,8 +195,63 @@ def main() -> None:
         wbytes = n * k / 2
         print(f"{shape:24s} bf16    torch  {gpu:9.2f} us (host {host:7.1f} us); NF4 weight {wbytes / 1e6:.1f} MB "
               f"= {wbytes / 3.35e12 * 1e6:.1f} us at 3.35 TB/s", flush=True)  # fmt: skip
+    if args.int8:
+        rows += bench_int8()
     _results.append(args.out, rows)
     print(f"wrote {len(rows)} rows to {args.out} ({gpu_name})")
+
+
+def bench_int8() -> list[dict]:
+    """qtool's LLM.int8 op (threshold 6 and 0) beside bnb's Linear8bitLt (threshold 6) and bf16, same weight."""
+    import bitsandbytes as bnb
+
+    from qtool.linear import linear_8bit, linear_8bit_ref
+
+    rows = []
+    for (m, k, n), outliers in [(c, False) for c in INT8_CASES] + [(INT8_CASES[2], True)]:
+        shape = f"M={m} {k}->{n}" + (" +outliers" if outliers else "")
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        if outliers:
+            x[:, torch.arange(8, device="cuda") * (k // 8)] *= 10
+        w8, scb = bnb8_weight(w)
+        layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+        layer = layer.cuda().eval()
+        assert torch.equal(layer.weight.data, w8), "bnb's int8 weight differs from qtool's"
+        # The bar, on at most 256 rows: qtool's error against LLM.int8's exact value (float64) within 2x that of the
+        # reference (PyTorch ops, bnb's math); bnb's own error is recorded beside it.
+        sub = x[:256]
+        exact = _int8_exact(sub, w8, scb, 6.0)
+        errs = {}
+        for name, y in (("qtool", linear_8bit(sub, w8, scb, threshold=6.0)),
+                        ("ref", linear_8bit_ref(sub, w8, scb, threshold=6.0)), ("bnb", layer(sub))):  # fmt: skip
+            errs[name] = (y.double() - exact).norm().item()
+        if errs["qtool"] > 2 * errs["ref"] + 1e-12:
+            raise SystemExit(f"{shape} int8: qtool's error {errs['qtool']:.4g} > 2x the reference's {errs['ref']:.4g}")
+        with torch.no_grad():
+            for provider, method, fn in (
+                ("qtool", "int8-t6", partial(linear_8bit, x, w8, scb, threshold=6.0)),
+                ("qtool", "int8-t0", partial(linear_8bit, x, w8, scb, threshold=0.0)),
+                ("bnb", "int8-t6", partial(layer, x)),
+                ("torch", "bf16", partial(F.linear, x, w)),
+            ):
+                gpu, host = bench(fn)
+                notes = f"error vs exact LLM.int8 {errs[provider] / errs['ref']:.2f}x the reference's" if (
+                    provider != "torch" and method == "int8-t6") else ""  # fmt: skip
+                rows.append(_results.row(f"linear-{method}", provider, shape, "time", "us", round(gpu, 2), notes=notes))
+                print(f"{shape:34s} {method:8s} {provider:6s} {gpu:9.2f} us (host {host:7.1f} us) {notes}", flush=True)
+    return rows
+
+
+def _int8_exact(x, w8, scb, threshold):
+    from qtool.linear import LLM_INT8_SCALE, int8_activations_ref
+    from qtool.reference.quant8 import INV_127
+
+    ca, sca, cols = int8_activations_ref(x, threshold)
+    w, s = w8.double(), scb.double()
+    y = (ca.masked_fill(cols, 0).double() @ w.t()) * (sca.double()[:, None] * s[None, :]) * LLM_INT8_SCALE
+    return y + x.double()[:, cols] @ (w[:, cols] * s[:, None] * INV_127).t()
 
 
 if __name__ == "__main__":
