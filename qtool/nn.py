@@ -25,9 +25,16 @@ The nested buffers are None without double quant. The buffers move with ``.to(de
 under ``.to(dtype)`` / ``.half()`` (a float16 code book would change the weights); ``bias`` is a Parameter and
 casts. ``state_dict()`` writes the on-disk names back (bnb's exact entries: ``formats.bnb4.encode`` /
 ``formats.bnb8.encode``): a qtool-loaded model's state dict holds exactly the checkpoint's tensors.
+
+``from_linear`` quantizes an ``nn.Linear`` in memory (``qtool.quantize.quantize_tensor``: Triton on CUDA, the PyTorch
+reference elsewhere) into the entries ``qtool quantize`` would write for it; ``quantize_linears_`` swaps every
+``nn.Linear`` of a model, skip names matched as diffusers or transformers match ``llm_int8_skip_modules``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 import torch
 from torch import nn
@@ -36,6 +43,22 @@ from qtool.formats import bnb4, bnb8
 from qtool.linear import DEFAULT_THRESHOLD, linear_4bit, linear_8bit
 
 _NATIVE = (torch.float32, torch.bfloat16)
+
+
+def _linear_weight(linear: nn.Module, cls: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float weight [N, K] and bias of an ``nn.Linear``, detached; TypeError/ValueError saying what is wrong."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{cls}.from_linear takes an nn.Linear, got {type(linear).__name__}")
+    weight = linear.weight
+    if weight.dim() != 2:
+        raise ValueError(f"{cls}.from_linear needs a 2-D weight [out_features, in_features], got {list(weight.shape)}")
+    if not weight.is_floating_point():
+        # e.g. a bitsandbytes Linear4bit (a subclass of nn.Linear) whose weight is already packed uint8
+        raise ValueError(f"{cls}.from_linear needs a float weight, got {weight.dtype} (already quantized?)")
+    if weight.is_meta:
+        raise ValueError(f"{cls}.from_linear needs the weight's values; it is on the meta device")
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return weight.detach(), bias
 
 
 class _QuantLinear(nn.Module):
@@ -102,6 +125,35 @@ class QuantLinear4bit(_QuantLinear):
             raise ValueError(f"a 4-bit Linear weight must be 2-D, its quant state says {list(state.shape)}")
         out_features, in_features = state.shape
         return cls(in_features, out_features, packed, state, bias, compute_dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        quant_type: str = "nf4",
+        double_quant: bool = False,
+        blocksize: int = 64,
+        compute_dtype: torch.dtype | None = None,
+    ) -> QuantLinear4bit:
+        """Quantize an ``nn.Linear`` in memory, on its weight's device, into the entries ``qtool quantize`` writes.
+
+        Args:
+            linear: its weight float32/float16/bfloat16 [out_features, in_features], not on meta. Left unchanged;
+                the new layer shares its bias.
+            quant_type, double_quant, blocksize: as ``qtool.quantize_tensor`` (bnb's ``bnb_4bit_quant_type``,
+                ``bnb_4bit_use_double_quant``; bnb's loaders use blocksize 64).
+            compute_dtype: ``bnb_4bit_compute_dtype``, used for float16 inputs only (see the class docstring).
+
+        Returns:
+            The layer ``from_entries`` builds from ``quantize_tensor(linear.weight, ...)``; its ``state_dict()`` is
+            those entries (and the bias).
+        """
+        from qtool.quantize import quantize_tensor
+
+        weight, bias = _linear_weight(linear, cls.__name__)
+        entries = quantize_tensor(weight, bits=4, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize)
+        return cls.from_entries(entries, bias, compute_dtype)
 
     @property
     def double_quant(self) -> bool:
@@ -183,6 +235,21 @@ class QuantLinear8bit(_QuantLinear):
         weight, scb = bnb8.decode(entries)
         return cls(weight, scb, bias, threshold)
 
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, threshold: float | None = DEFAULT_THRESHOLD) -> QuantLinear8bit:
+        """Quantize an ``nn.Linear`` in memory, on its weight's device, to LLM.int8 rows (``quantize_tensor(...,
+        bits=8)``: int8 [N, K] and SCB [N], the entries ``qtool quantize --bits 8`` writes).
+
+        Args:
+            linear: its weight float32/float16/bfloat16 [out_features, in_features], not on meta. Left unchanged;
+                the new layer shares its bias.
+            threshold: ``llm_int8_threshold`` (see the class docstring); None is weight-only.
+        """
+        from qtool.quantize import quantize_tensor
+
+        weight, bias = _linear_weight(linear, cls.__name__)
+        return cls.from_entries(quantize_tensor(weight, bits=8), bias, threshold)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return linear_8bit(x, self.weight, self.SCB, bias, threshold=self.threshold)
@@ -199,4 +266,57 @@ class QuantLinear8bit(_QuantLinear):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}, int8, {math}"
 
 
-__all__ = ["QuantLinear4bit", "QuantLinear8bit"]
+def quantize_linears_(
+    model: nn.Module,
+    make: Callable[[nn.Linear], nn.Module],
+    *,
+    skip: Iterable[str] = (),
+    library: Literal["diffusers", "transformers"] = "diffusers",
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` of ``model`` whose name ``skip`` does not match by ``make(linear)``.
+
+    ``skip`` is matched as ``library`` matches ``llm_int8_skip_modules`` (``qtool.plan.diffusers_keeps`` /
+    ``transformers_keeps``): for diffusers a name keeps a Linear if it is its child name or its full name, or if
+    ``name + "."`` occurs in its full name ("proj_out" keeps every ``single_transformer_blocks.N.proj_out``); for
+    transformers a name is a regular expression matched from the start up to a module boundary, or a suffix. Which
+    Linears count follows the library too: diffusers replaces subclasses of ``nn.Linear``, transformers exact
+    ``nn.Linear`` only. Only ``skip`` is applied: the library's own defaults (a model's ``_keep_in_fp32_modules``,
+    transformers' tied weights and ``lm_head``) are the caller's to add.
+
+    Args:
+        model: changed in place (not itself an ``nn.Linear``). A Linear reachable under several names is replaced
+            once, under all of them, unless ``skip`` matches any of them.
+        make: builds the replacement, e.g. ``QuantLinear4bit.from_linear``; called once per Linear, in
+            ``named_modules()`` order, and may materialize a meta-device Linear first.
+        skip: module names to keep.
+        library: whose matching rule ("diffusers" or "transformers").
+
+    Returns:
+        ``model``.
+    """
+    from qtool.plan import diffusers_keeps, transformers_keeps
+
+    if library not in ("diffusers", "transformers"):
+        raise ValueError(f"library must be 'diffusers' or 'transformers', got {library!r}")
+    if isinstance(skip, str):  # a lone name would otherwise be read as its characters
+        skip = [skip]
+    names = list(skip)
+    keeps = diffusers_keeps if library == "diffusers" else transformers_keeps
+    if isinstance(model, nn.Linear):
+        raise ValueError("quantize_linears_ replaces the Linears inside a model; for one Linear call make(linear)")
+    linears: dict[int, tuple[nn.Linear, list[str]]] = {}  # id -> (the Linear, all its names), in model order
+    for fqn, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear) if library == "diffusers" else type(module) is nn.Linear:
+            linears.setdefault(id(module), (module, []))[1].append(fqn)
+    chosen = [key for key, (_, fqns) in linears.items() if not any(keeps(fqn, names) for fqn in fqns)]
+    for key in chosen:
+        linear, fqns = linears.pop(key)
+        new = make(linear)
+        del linear  # the model's reference goes below: the old weight can be freed layer by layer
+        for fqn in fqns:
+            parent, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model
+
+
+__all__ = ["QuantLinear4bit", "QuantLinear8bit", "quantize_linears_"]
