@@ -34,6 +34,7 @@ ROWS_MAX_M = 4
 ROWS_BLOCK_N = 16 if INTERPRETING else 8
 ROWS_BLOCK_K = 512
 ROWS_WARPS = 2
+ROWS_STAGES = 1
 # The tensor-core variant ("dot"): tiles (BLOCK_M rows of x, BLOCK_N rows of W, BLOCK_K, warps, stages), one for a
 # few rows of x (decode) and one for many (prefill, diffusion). W's tile is the MMA's left operand (out^T = W x^T).
 DOT_SMALL_M = 16
@@ -169,6 +170,7 @@ def _w4a16_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
     SCALE_AFTER: tl.constexpr,
+    STAGES: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
     # Few rows of x: CUDA-core products and row sums (no tensor-core layout shuffles), one x row per program axis 1.
@@ -184,7 +186,7 @@ def _w4a16_rows_kernel(
     offs_j = tl.arange(0, QBLOCK // 2)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         blk = (offs_n[:, None] * K + k0) // QBLOCK + offs_b[None, :]  # [BLOCK_N, BLOCK_K / QBLOCK]
         if NESTED:
             a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask_n[:, None], NBLOCK)
@@ -227,7 +229,7 @@ def linear_4bit(
     """Triton twin of ``qtool.linear.linear_4bit_ref``: 16-bit [..., K] -> [..., N] in x's dtype.
 
     ``variant``: "rows" (CUDA cores; at most ``ROWS_MAX_M`` rows of x, K a multiple of the K tile) or "dot" (tensor
-    cores, any M); None picks "rows" where it can, else "dot". ``tile``: "rows" (BLOCK_N, BLOCK_K, warps), "dot"
+    cores, any M); None picks "rows" where it can, else "dot". ``tile``: "rows" (BLOCK_N, BLOCK_K, warps, stages), "dot"
     (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None: the defaults above. ``interleave`` / ``scale_after``: the
     "dot" / "rows" kernel's options (see the kernels). Never waits for the GPU."""
     n, k = shape
@@ -265,11 +267,12 @@ def linear_4bit(
         variant = "rows" if _rows_fit(m, k, blocksize, tile[1] if tile else ROWS_BLOCK_K) else "dot"
     with device_guard(x):
         if variant == "rows":
-            block_n, block_k, warps = tile or (ROWS_BLOCK_N, max(ROWS_BLOCK_K, blocksize), ROWS_WARPS)
+            block_n, block_k, warps, stages = tile or (ROWS_BLOCK_N, max(ROWS_BLOCK_K, blocksize), ROWS_WARPS,
+                                                       ROWS_STAGES)  # fmt: skip
             if not _rows_fit(m, k, blocksize, block_k):
                 raise ValueError(f"the rows variant takes at most {ROWS_MAX_M} rows and K in whole {block_k} tiles")
             _w4a16_rows_kernel[(triton.cdiv(n, block_n), m)](
-                *args, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_AFTER=scale_after, **common,
+                *args, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_AFTER=scale_after, STAGES=stages, **common,
                 **warps_option(warps, warps),
             )  # fmt: skip
         else:

@@ -137,7 +137,7 @@ def _int8_matmul_kernel(
         mask_k = (k0 + offs_k < K)[None, :]
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k, other=0)
         b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k, other=0)
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     sca = tl.load(sca_ptr + offs_m, mask=mask_m, other=0.0)
@@ -151,7 +151,7 @@ def _int8_matmul_kernel(
                 keep = (flag > 0)[None, :]
                 a = tl.load(ca_ptr + offs_m[:, None] * K + ks[None, :], mask=mask_m[:, None] & keep, other=0)
                 b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & keep, other=0)
-                acc -= tl.dot(a, tl.trans(b))
+                acc -= tl.dot(a, tl.trans(b), out_dtype=tl.int32)
                 xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=mask_m[:, None] & keep, other=0.0)
                 # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
                 w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
