@@ -8,6 +8,11 @@ as rotary tables are computed as usual), every quantized ``nn.Linear`` replaced 
 ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` would. The rest of a pipeline (VAE, CLIP, tokenizers, scheduler)
 loads through ``DiffusionPipeline.from_pretrained`` as usual. Nothing here imports bitsandbytes.
 
+transformers 5.x renames checkpoint keys while loading (``_names``): legacy LayerNorm ``gamma``/``beta``, each model
+class's conversion mapping (GPT-NeoX's ``embed_out`` -> ``lm_head``, LLaVA's pre-5.0 layout, ...), and the base-model
+prefix added or stripped. qtool asks transformers for the same renames and moves a quantized layer's entries with its
+weight.
+
 Why the module is not called ``load.py``: importing a submodule ``qtool.load`` would replace the function
 ``qtool.load`` on the package with the module.
 """
@@ -15,9 +20,11 @@ Why the module is not called ``load.py``: importing a submodule ``qtool.load`` w
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +65,7 @@ def load(
 
     Raises:
         QtoolError: the checkpoint is not bnb-quantized, pickle-only, or its tensors do not fit its model class
-            (a missing tensor is named).
+            (a missing tensor is named), or transformers would load a quantized weight through tensor operations.
     """
     from qtool import hub
     from qtool.dequant import download_quantized, quantized_components
@@ -110,6 +117,7 @@ def load_model(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | N
     threshold = _threshold(config["quantization_config"])
     model = _empty_model(library, class_name, folder)
     keep_fp32 = _keep_in_fp32(model, library, dtype)
+    names = _names(model, library, weights.tensors, layers, folder)  # before any module is replaced
 
     def cast(key: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.is_floating_point() and dtype is not None:
@@ -117,16 +125,41 @@ def load_model(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | N
         return tensor.to(device) if device is not None else tensor
 
     loaded: set[str] = set()
+    unexpected: list[str] = []
     with TensorReader(weights) as reader:
         for fqn, layer in layers.items():
             loaded |= set(layer.entries.values())
-            _replace_linear(model, fqn, layer, reader, weights, cast, device, compute_dtype, threshold, loaded)
-        unexpected = []
+            if fqn not in names.layers:  # e.g. an LM head in a checkpoint loaded as the base model
+                unexpected += layer.entries.values()
+                continue
+            bias_key = names.disk.get(f"{names.layers[fqn]}.bias", f"{fqn}.bias")
+            _replace_linear(
+                model, names.layers[fqn], layer, bias_key, reader, weights, cast, device, compute_dtype, threshold,
+                loaded,
+            )  # fmt: skip
         for key in weights.tensors:
-            if key not in loaded and not _set_tensor(model, key, lambda k=key: cast(k, reader.read(k))):
+            if key in loaded or key in names.converted:
+                continue
+            target = names.keys.get(key, key)
+            if not _set_tensor(model, target, lambda k=key, t=target: cast(t, reader.read(k))):
                 unexpected.append(key)
+        for target, sources in names.grouped().items():
+            converter = copy.deepcopy(names.converters[sources[0][1]])
+            for key, pattern in sources:
+                converter.add_tensor(target, key, pattern, lambda k=key, t=target: cast(t, reader.read(k)))
+            try:  # transformers' own tensor operations (merging per-expert weights, splitting a fused qkv, ...)
+                converted = converter.convert(target, model=model, config=model.config)
+            except Exception as exc:  # whatever its operations raise (shapes, missing sources)
+                keys = ", ".join(key for key, _ in sources[:3])
+                raise QtoolError(f"{folder}: transformers' {converter} failed on {keys}: {exc}") from exc
+            for name, tensor in converted.items():
+                tensor = tensor[0] if isinstance(tensor, list) else tensor
+                if not _set_tensor(model, name, lambda t=tensor: t):
+                    unexpected.append(name)
     ignored = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
-    unexpected = [k for k in unexpected if not any(re.search(p, k) for p in ignored)]
+    unexpected = [
+        k for k in unexpected if not any(re.search(p, k) or re.search(p, names.keys.get(k, k)) for p in ignored)
+    ]
     if unexpected:
         warnings.warn(
             f"{folder}: tensors the model has no place for were ignored: {', '.join(unexpected[:5])}", stacklevel=2
@@ -225,8 +258,91 @@ def _keep_in_fp32(model, library: str, dtype: torch.dtype | None):
     return lambda key: any(re.search(rf"(^|\.){re.escape(n)}(\.|$)", key) for n in names)
 
 
+@dataclass
+class _Names:
+    """Where the checkpoint's tensors go in the model: keys on disk -> names in the model (unlisted: the same).
+
+    Attributes:
+        layers: a quantized layer's module path on disk -> its module in the model; absent where the model has no
+            place for its weight.
+        keys: every other renamed key on disk -> its parameter or buffer; ``disk`` the other way round.
+        converted: a key that transformers converts with tensor operations -> (the first target it feeds, the
+            matching source pattern); ``converters``: source pattern -> its ``WeightConverter``.
+    """
+
+    layers: dict[str, str]
+    keys: dict[str, str] = field(default_factory=dict)
+    disk: dict[str, str] = field(default_factory=dict)
+    converted: dict[str, tuple[str, str]] = field(default_factory=dict)
+    converters: dict[str, Any] = field(default_factory=dict)
+
+    def grouped(self) -> dict[str, list[tuple[str, str]]]:
+        """First target -> its (key on disk, source pattern) pairs: the tensors one converter takes together."""
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for key, (target, pattern) in self.converted.items():
+            groups.setdefault(target, []).append((key, pattern))
+        return groups
+
+
+def _names(model, library: str, keys, layers: dict, folder: Path) -> _Names:
+    """The key renames transformers' from_pretrained applies, asked of transformers itself (5.x).
+
+    from_pretrained takes the transforms from ``get_model_conversion_mapping(model, key_mapping, hf_quantizer)``
+    (modeling_utils.py:4402 in transformers 5.23: the model's conversion mapping per class and ``model_type``,
+    sub-models scoped to their prefix, then the legacy LayerNorm ``gamma``/``beta`` and weight-norm renames) and
+    renames each key with ``rename_source_key``, the base-model prefix added or stripped where the model has the
+    result (core_model_loading.py:1742-1752). Its bnb quantizer folds ``weight.absmax`` etc. into their layer's
+    ``weight`` (quantizers/base.py ``get_weight_conversions``); here a quantized layer's entries follow the rename of
+    its ``weight`` key. transformers 4.x (no ``conversion_mapping`` module) and diffusers: keys are taken as stored.
+    """
+    names = _Names(layers={fqn: fqn for fqn in layers})
+    if library != "transformers":
+        return names
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+    except ImportError:
+        return names
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names.converters = {pattern: c for c in converters for pattern in c.source_patterns}
+    meta = model.state_dict()  # names only: the parameters are on meta
+    prefix = model.base_model_prefix
+
+    def rename(key: str) -> tuple[str, str | None]:
+        new, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if new not in meta and key in meta:  # a key the model has only gets its prefix (core_model_loading.py:1748)
+            new, pattern = rename_source_key(key, [], [], prefix, meta)
+        return new, pattern
+
+    weight_keys = {layer.weight_key: fqn for fqn, layer in layers.items()}
+    entries = {key for layer in layers.values() for key in layer.entries.values()}
+    names.layers = {}
+    # In from_pretrained's order: a GroupWeightRename decides on the first key it sees.
+    for key in sorted(keys, key=dot_natural_key):
+        if key in weight_keys:
+            new, pattern = rename(key)
+            if pattern is not None:
+                raise QtoolError(
+                    f"{folder}: transformers loads {key} through tensor operations ({names.converters[pattern]}), "
+                    "which a quantized weight does not allow",
+                    hint="bitsandbytes' from_pretrained cannot load this layer quantized either",
+                )
+            if new in meta and new.endswith(".weight"):
+                names.layers[weight_keys[key]] = new.removesuffix(".weight")
+        elif key not in entries:
+            new, pattern = rename(key)
+            if pattern is not None and new in meta:
+                names.converted[key] = (new, pattern)
+            elif new != key:
+                names.keys[key] = new
+    names.disk = {new: key for key, new in names.keys.items()}
+    return names
+
+
 def _replace_linear(
-    model, fqn, layer, reader, weights, cast, device, compute_dtype, threshold, loaded: set[str]
+    model, fqn, layer, bias_key, reader, weights, cast, device, compute_dtype, threshold, loaded: set[str]
 ) -> None:
     from qtool.formats import bnb4
     from qtool.nn import QuantLinear4bit, QuantLinear8bit
@@ -245,10 +361,9 @@ def _replace_linear(
         entries[name] = tensor if host or device is None else tensor.to(device)
     bias = None
     if module.bias is not None:
-        bias_key = f"{fqn}.bias"
         if bias_key not in weights.tensors:
-            raise QtoolError(f"{weights.folder}: the checkpoint has no tensor for {bias_key}")
-        bias = cast(bias_key, reader.read(bias_key))
+            raise QtoolError(f"{weights.folder}: the checkpoint has no tensor for {fqn}.bias")
+        bias = cast(f"{fqn}.bias", reader.read(bias_key))
         loaded.add(bias_key)
     try:
         if layer.bits == 4:

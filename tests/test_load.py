@@ -7,10 +7,14 @@ that path rounds absmax to bf16 first), ``Linear8bitLt`` through its inference p
 int8 outside the outlier columns, threshold 6). Those are the maths of ``qtool.linear``'s references, and qtool's
 dequantization equals bnb's bit for bit (README, "Compatibility"), so the outputs must be equal bit for bit: no
 tolerance to derive. ``threshold=None`` (weight-only) is checked against ``Linear8bitLt``'s ``MatMul8bitFp`` path.
+
+Beyond those: checkpoints whose keys transformers 5 renames on load (GPT-NeoX, legacy BERT LayerNorm names, LLaVA's
+old layout, Mixtral's per-expert weights, the base-model prefix; RENAMED), against bnb the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -170,6 +174,142 @@ def test_int8_threshold_from_config_and_weight_only(quantized, tmp_path):
     weight_only = forward(ours, "llama")
     assert_equal(weight_only, forward(bnb_same_math(theirs, weight_only=True), "llama"), "output, weight-only")
     assert not torch.equal(weight_only, forward(qtool.load(folder), "llama"))  # the activations' rounding shows
+
+
+# The renames transformers' from_pretrained applies (5.x, qtool/loader.py ``_names``), one checkpoint each. Before
+# qtool.load asked transformers for them, each of these failed to load ("no tensor for lm_head.weight", "quantized
+# layer language_model.model.layers.0.mlp.down_proj is not a module of the model", ...).
+# name: (class in config.json, output compared, what the files hold)
+RENAMED = {
+    # GPT-NeoX's conversion mapping: transformers 5 saves the LM head as the original `embed_out`, loads it as
+    # `lm_head`. The source as save_pretrained writes it, quantized by qtool.
+    "neox": ("GPTNeoXForCausalLM", "logits", "embed_out.weight"),
+    # The legacy LayerNorm names of old BERT checkpoints (bert-base-uncased's files still use them), quantized by qtool.
+    "bert-gamma": ("BertModel", "last_hidden_state", "embeddings.LayerNorm.gamma"),
+    # LLaVA's pre-5.0 layout, which transformers 5's own save_pretrained writes back: bnb's save of a LLaVA quantized
+    # on load, so quantized entries are renamed too (language_model.model.layers.* -> model.language_model.layers.*).
+    "llava": ("LlavaForConditionalGeneration", "logits", "language_model.model.layers.0.mlp.down_proj.weight.absmax"),
+    # Mixtral's conversion mapping: per-expert weights (the layout transformers 5 saves, bnb leaves them unquantized)
+    # merged into the fused experts by transformers' own tensor operations; `block_sparse_moe` renamed to `mlp`.
+    "mixtral": ("MixtralForCausalLM", "logits", "model.layers.0.block_sparse_moe.experts.0.w1.weight"),
+    # A LlamaModel checkpoint (no `model.` prefix) whose config.json names LlamaForCausalLM: the base-model prefix is
+    # added to every key, quantized entries included; lm_head is tied to the embeddings.
+    "prefix-add": ("LlamaForCausalLM", "logits", "layers.0.self_attn.q_proj.weight.absmax"),
+    # A LlamaForCausalLM checkpoint whose config.json names LlamaModel: the prefix is stripped, lm_head is left out.
+    "prefix-strip": ("LlamaModel", "last_hidden_state", "model.layers.0.self_attn.q_proj.weight.quant_map"),
+}
+
+
+def _rename_keys(folder: Path, rename) -> None:
+    from safetensors.torch import save_file
+
+    tensors = read_all(folder)
+    save_file({rename(k): t for k, t in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _set_architecture(folder: Path, class_name: str) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": [class_name]}, indent=2))
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory, quantized):
+    """name -> a quantized folder whose keys transformers renames on load (see RENAMED), made once per module."""
+    import shutil
+
+    import transformers as tf
+    from e2e.test_quantize_models import llama
+
+    from qtool.api import quantize_checkpoint
+
+    root, done = tmp_path_factory.mktemp("renamed"), {}
+    # Every Linear a multiple of 64 wide (bnb's CPU kernels), as in e2e/test_quantize_models.py.
+    small = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+
+    def source(name: str, model) -> Path:
+        model.to(torch.bfloat16).save_pretrained(root / f"{name}-src")
+        return root / f"{name}-src"
+
+    def get(name: str) -> Path:
+        if name in done:
+            return done[name]
+        torch.manual_seed(0)
+        out = root / name
+        if name == "neox":
+            config = tf.GPTNeoXConfig(vocab_size=256, max_position_embeddings=64, **small)
+            quantize_checkpoint(source(name, tf.GPTNeoXForCausalLM(config)), output=out, device="cpu")
+        elif name == "bert-gamma":
+            folder = source(name, tf.BertModel(tf.BertConfig(vocab_size=256, max_position_embeddings=64, **small)))
+            _rename_keys(
+                folder,
+                lambda k: k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"),
+            )
+            quantize_checkpoint(folder, spec=METHODS["int8"], output=out, device="cpu")
+        elif name == "llava":
+            text = tf.LlamaConfig(vocab_size=256, num_key_value_heads=1, head_dim=64, **small)
+            vision = tf.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=1, image_size=32, patch_size=8)  # fmt: skip
+            config = tf.LlavaConfig(text_config=text, vision_config=vision, image_token_index=255)
+            folder = source(name, tf.LlavaForConditionalGeneration(config))
+            class_name = RENAMED[name][0]
+            bnb_load(folder, "transformers", class_name, METHODS["nf4-dq"]).save_pretrained(out)
+        elif name == "mixtral":
+            config = tf.MixtralConfig(vocab_size=256, num_key_value_heads=1, head_dim=64, num_local_experts=4,
+                                      num_experts_per_tok=2, max_position_embeddings=64, **small)  # fmt: skip
+            quantize_checkpoint(
+                source(name, tf.MixtralForCausalLM(config)), spec=METHODS["nf4-dq"], output=out, device="cpu"
+            )
+        elif name == "prefix-add":
+            folder = source(name, llama(True).model)
+            quantize_checkpoint(folder, spec=METHODS["nf4"], output=out, device="cpu")
+            _set_architecture(out, "LlamaForCausalLM")
+        else:
+            shutil.copytree(quantized("llama", "fp4"), out)
+            _set_architecture(out, "LlamaModel")
+        done[name] = out
+        return out
+
+    return get
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize("name", list(RENAMED))
+def test_renamed_keys_load_like_bnb(renamed, name):
+    """Checkpoints whose keys transformers renames on load: qtool layers where bnb's are, every other tensor bnb's,
+    the same output bit for bit."""
+    folder = renamed(name)
+    class_name, output, stored = RENAMED[name]
+    keys = set(read_all(folder))
+    assert stored in keys  # the case is what it says
+    theirs = bnb_same_math(bnb_load(folder, "transformers", class_name))
+    with pytest.warns(UserWarning, match="lm_head.weight") if name == "prefix-strip" else contextlib.nullcontext():
+        ours = qtool.load(folder)
+    assert type(ours).__name__ == class_name
+    check_like_bnb(ours, theirs)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (2, 12))  # below LLaVA's image token (255)
+    with torch.no_grad():
+        out = getattr(ours(input_ids=ids), output)
+        assert_equal(out, getattr(theirs(input_ids=ids), output), "output")
+
+
+def test_refuses_converting_a_quantized_weight(renamed, tmp_path):
+    """transformers 4.x had Mixtral's experts as Linear layers, which bnb quantized; transformers 5 merges them into
+    fused experts with tensor operations, which packed 4-bit weights do not allow: refused, naming the weight."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "mixtral-4x"
+    shutil.copytree(renamed("mixtral"), folder)
+    tensors = read_all(folder)
+    for key in [k for k in tensors if ".experts." in k]:
+        entries = qtool.quantize_tensor(tensors.pop(key), bits=4)
+        tensors |= {f"{key.removesuffix('.weight')}.{entry}": t.clone() for entry, t in entries.items()}
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QtoolError, match=r"experts\.0\.w1\.weight through tensor operations") as info:
+        qtool.load(folder)
+    assert "cannot load this layer quantized either" in info.value.hint
 
 
 def test_pipeline(flux_outputs):
