@@ -11,7 +11,8 @@ loads through ``DiffusionPipeline.from_pretrained`` as usual. Nothing here impor
 transformers 5.x renames checkpoint keys while loading (``_names``): legacy LayerNorm ``gamma``/``beta``, each model
 class's conversion mapping (GPT-NeoX's ``embed_out`` -> ``lm_head``, LLaVA's pre-5.0 layout, ...), and the base-model
 prefix added or stripped. qtool asks transformers for the same renames and moves a quantized layer's entries with its
-weight.
+weight. The model then carries what a bnb-loaded one does for saving (``_like_from_pretrained``): the checkpoint's
+``quantization_config`` in its config, and the renames that matched, which save_pretrained reverts.
 
 Why the module is not called ``load.py``: importing a submodule ``qtool.load`` would replace the function
 ``qtool.load`` on the package with the module.
@@ -61,7 +62,8 @@ def load(
             load through diffusers as usual.
 
     Returns:
-        The ``DiffusionPipeline`` or the model, in eval mode.
+        The ``DiffusionPipeline`` or the model, in eval mode. A model's config carries the checkpoint's
+        ``quantization_config``, so its ``save_pretrained`` writes a bnb checkpoint again (module docstring).
 
     Raises:
         QtoolError: the checkpoint is not bnb-quantized, pickle-only, or its tensors do not fit its model class
@@ -179,6 +181,7 @@ def load_model(folder: str | os.PathLike, *, device=None, dtype: torch.dtype | N
         )
     if device is not None:
         model.to(device)  # the buffers the class computes (rotary tables...), which the files do not hold
+    _like_from_pretrained(model, library, folder, config["quantization_config"], names)
     return model.eval()
 
 
@@ -268,6 +271,7 @@ class _Names:
         keys: every other renamed key on disk -> its parameter or buffer; ``disk`` the other way round.
         converted: a key that transformers converts with tensor operations -> (the first target it feeds, the
             matching source pattern); ``converters``: source pattern -> its ``WeightConverter``.
+        used: the transforms that matched a key (transformers 5.x), which save_pretrained reverts.
     """
 
     layers: dict[str, str]
@@ -275,6 +279,7 @@ class _Names:
     disk: dict[str, str] = field(default_factory=dict)
     converted: dict[str, tuple[str, str]] = field(default_factory=dict)
     converters: dict[str, Any] = field(default_factory=dict)
+    used: list | None = None
 
     def grouped(self) -> dict[str, list[tuple[str, str]]]:
         """First target -> its (key on disk, source pattern) pairs: the tensors one converter takes together."""
@@ -338,7 +343,53 @@ def _names(model, library: str, keys, layers: dict, folder: Path) -> _Names:
             elif new != key:
                 names.keys[key] = new
     names.disk = {new: key for key, new in names.keys.items()}
+    names.used = [t for t in transforms if t.was_used()]
     return names
+
+
+def _like_from_pretrained(model, library: str, folder: Path, quantization_config: dict, names: _Names) -> None:
+    """Set what a bnb-loaded from_pretrained model carries besides its weights, so that ``save_pretrained`` writes a
+    checkpoint that loads again (with qtool.load, or bitsandbytes). Line numbers: transformers 5.23.
+
+    * The checkpoint's ``quantization_config``, as the library's ``BitsAndBytesConfig`` (what transformers'
+      ``HfQuantizer.postprocess_model`` and diffusers' from_pretrained leave in the config; the plain dict if it does
+      not parse): save_pretrained writes it into config.json. diffusers' config is a FrozenDict, changed through
+      ``register_to_config``.
+    * transformers: ``config._is_quantized`` on every sub-model, as ``_assign_is_quantized`` sets it
+      (quantizers/base.py:66; never saved): flash attention reads it for the dtype of float32 queries, instead of
+      looking for an ``nn.Linear`` weight (integrations/flash_attention.py:20), which qtool's layers are not.
+      ``_weight_conversions``, the transforms that matched (core_model_loading.py:1876-1877), which save_pretrained
+      reverts (modeling_utils.py:3532): the renamed keys are written as they were stored. And generation_config.json,
+      which from_pretrained reads too.
+
+    Left unset on purpose: ``hf_quantizer``, ``is_quantized``, ``quantization_method`` and ``is_loaded_in_4bit`` /
+    ``8bit``. With them, transformers and diffusers take bnb's paths: ``model.to(dtype)``, ``.half()`` and
+    ``.float()`` refuse, moving an 8-bit model needs bitsandbytes >= 0.48 (modeling_utils.py:3770),
+    ``dequantize()`` calls bnb. qtool's layers need none of that (their buffers keep their dtypes under casts).
+    """
+    if library == "diffusers":
+        import diffusers
+
+        model.register_to_config(quantization_config=_bnb_config(diffusers.BitsAndBytesConfig, quantization_config))
+        return
+    import transformers
+
+    model.config.quantization_config = _bnb_config(transformers.BitsAndBytesConfig, quantization_config)
+    for module in model.modules():
+        if isinstance(module, transformers.PreTrainedModel):
+            module.config._is_quantized = True
+    if names.used is not None:
+        model._weight_conversions = names.used
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder)
+
+
+def _bnb_config(cls, quantization_config: dict):
+    """``cls.from_dict`` of a copy (the library's own parse, as its from_pretrained does), else the dict as stored."""
+    try:
+        return cls.from_dict(dict(quantization_config))
+    except (TypeError, ValueError):
+        return dict(quantization_config)
 
 
 def _replace_linear(

@@ -9,7 +9,8 @@ dequantization equals bnb's bit for bit (README, "Compatibility"), so the output
 tolerance to derive. ``threshold=None`` (weight-only) is checked against ``Linear8bitLt``'s ``MatMul8bitFp`` path.
 
 Beyond those: checkpoints whose keys transformers 5 renames on load (GPT-NeoX, legacy BERT LayerNorm names, LLaVA's
-old layout, Mixtral's per-expert weights, the base-model prefix; RENAMED), against bnb the same way.
+old layout, Mixtral's per-expert weights, the base-model prefix; RENAMED), against bnb the same way; and
+save_pretrained round trips (a transformers model and the FLUX transformer, 4-bit and int8; a pipeline).
 """
 
 from __future__ import annotations
@@ -274,9 +275,13 @@ def renamed(tmp_path_factory, quantized):
 
 @pytest.mark.bnb
 @pytest.mark.parametrize("name", list(RENAMED))
-def test_renamed_keys_load_like_bnb(renamed, name):
+def test_renamed_keys_load_like_bnb(renamed, tmp_path, name):
     """Checkpoints whose keys transformers renames on load: qtool layers where bnb's are, every other tensor bnb's,
-    the same output bit for bit."""
+    the same output bit for bit. save_pretrained reverts the renames as transformers does (the prefix change is no
+    rename: the model's own names are written) and the result runs the same with qtool and with bnb.
+
+    (bnb's own save_pretrained of a pre-quantized checkpoint fails in transformers 5.23: its deserialize op has no
+    reverse, huggingface/transformers#45743; qtool-loaded models do not carry that op.)"""
     folder = renamed(name)
     class_name, output, stored = RENAMED[name]
     keys = set(read_all(folder))
@@ -291,6 +296,16 @@ def test_renamed_keys_load_like_bnb(renamed, name):
     with torch.no_grad():
         out = getattr(ours(input_ids=ids), output)
         assert_equal(out, getattr(theirs(input_ids=ids), output), "output")
+
+    ours.save_pretrained(tmp_path)
+    if name == "prefix-add":
+        keys = {f"model.{k}" for k in keys}
+    elif name == "prefix-strip":
+        keys = {k.removeprefix("model.") for k in keys if not k.startswith("lm_head.")}
+    assert set(read_all(tmp_path)) == keys
+    for again in (qtool.load(tmp_path), bnb_same_math(bnb_load(tmp_path, "transformers", class_name))):
+        with torch.no_grad():
+            assert_equal(getattr(again(input_ids=ids), output), out, f"{type(again).__name__} after save_pretrained")
 
 
 def test_refuses_converting_a_quantized_weight(renamed, tmp_path):
@@ -310,6 +325,56 @@ def test_refuses_converting_a_quantized_weight(renamed, tmp_path):
     with pytest.raises(QtoolError, match=r"experts\.0\.w1\.weight through tensor operations") as info:
         qtool.load(folder)
     assert "cannot load this layer quantized either" in info.value.hint
+
+
+@pytest.mark.bnb
+@pytest.mark.parametrize("name,method", [("llama", "nf4-dq"), ("llama", "int8"), ("flux", "nf4"), ("flux", "int8")])
+def test_save_pretrained_round_trip(quantized, tmp_path, name, method):
+    """The loaded model's config carries the checkpoint's quantization_config as the library's BitsAndBytesConfig (as
+    bnb's from_pretrained leaves it), and the model none of the attributes that send transformers and diffusers down
+    bnb's paths. save_pretrained writes the checkpoint's tensors bit for bit and its quantization_config; the result
+    runs as the original did, with qtool and with bnb."""
+    folder = quantized(name, method)
+    library, class_name, _ = MODELS[name]
+    stored_config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    ours = qtool.load(folder)
+    config = ours.config["quantization_config"] if library == "diffusers" else ours.config.quantization_config
+    assert type(config).__module__.startswith(library) and type(config).__name__ == "BitsAndBytesConfig"
+    assert config.to_dict() == stored_config
+    for attribute in ("hf_quantizer", "is_quantized", "quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        assert not hasattr(ours, attribute), attribute
+
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == stored_config
+    stored, saved = read_all(folder), read_all(tmp_path)
+    assert set(saved) == set(stored)
+    for key, tensor in stored.items():
+        assert_equal(saved[key], tensor, key)
+    if library == "transformers":  # generation_config.json as the checkpoint has it, not rebuilt from config.json
+        generation = [json.loads((f / "generation_config.json").read_text()) for f in (folder, tmp_path)]
+        assert generation[0] == generation[1]
+    expected = forward(ours, name)
+    assert_equal(forward(qtool.load(tmp_path), name), expected, "qtool.load after save_pretrained")
+    theirs = bnb_same_math(bnb_load(tmp_path, library, class_name))
+    assert_equal(forward(theirs, name), expected, "bnb after save_pretrained")
+
+
+def test_pipeline_save_pretrained_round_trip(flux_outputs, tmp_path):
+    """A qtool-loaded pipeline saves as diffusers saves it, its quantized components with their quantization_config,
+    and loads again with qtool to the same tensors."""
+    folder = flux_outputs["nf4-dq"]
+    pipe = qtool.load(folder)
+    pipe.save_pretrained(tmp_path)
+    again = qtool.load(tmp_path)
+    for name in ("transformer", "text_encoder_2"):
+        configs = [
+            json.loads((f / name / "config.json").read_text())["quantization_config"] for f in (folder, tmp_path)
+        ]
+        assert configs[0] == configs[1]
+        before, after = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert before.keys() == after.keys()
+        for key, tensor in before.items():
+            assert_equal(after[key], tensor, f"{name}.{key}")
 
 
 def test_pipeline(flux_outputs):
@@ -418,9 +483,9 @@ def test_refusals(tmp_path, sources, quantized):
         qtool.load(partial)
 
 
-def test_runs_without_bitsandbytes(flux_outputs, quantized):
-    """With bitsandbytes made unimportable (as if not installed), a pipeline and a transformers LLM load and run,
-    and nothing imported it."""
+def test_runs_without_bitsandbytes(flux_outputs, quantized, tmp_path):
+    """With bitsandbytes made unimportable (as if not installed), a pipeline and a transformers LLM load and run, the
+    LLM saves, and nothing imported it."""
     code = f"""
 import sys
 sys.modules["bitsandbytes"] = None  # import fails, importlib.util.find_spec says not installed
@@ -429,6 +494,7 @@ pipe = qtool.load({str(flux_outputs["nf4"])!r})
 pipe("a cat", num_inference_steps=1, height=64, width=64, max_sequence_length=32, output_type="np")
 model = qtool.load({str(quantized("llama", "int8"))!r})
 assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+model.save_pretrained({str(tmp_path)!r})
 assert sys.modules["bitsandbytes"] is None
 print("ok", type(pipe.transformer.transformer_blocks[0].attn.to_q).__name__)
 """
