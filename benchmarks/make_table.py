@@ -24,7 +24,7 @@ BEGIN, END = "<!-- perf-table -->", "<!-- /perf-table -->"
 KEY = ("op", "provider", "shape", "metric", "notes")
 REQUIRED = {"op", "provider", "shape", "metric", "unit", "median", "notes", "date"}
 ENVIRONMENT = ("gpu", "driver", "torch", "triton", "bnb", "diffusers", "transformers")
-E2E, KERNELS, QUALITY = "e2e.csv", "codecs.csv", "quality.csv"
+E2E, KERNELS, QUALITY, FLUX = "e2e.csv", "codecs.csv", "quality.csv", "flux.csv"
 # Issue 8's target for scale search: a mean SQNR gain of at least this over the layers of a component, NF4.
 NF4_GAIN_TARGET_DB = 0.5
 QUALITY_LEGEND = (
@@ -307,6 +307,103 @@ def render_pivot(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
+FLUX_ORDER = ("bf16", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "qtool-nf4", "qtool-nf4-dq", "qtool-int8")
+# Issue 9's targets: a qtool variant's transformer step over bf16's (the same run, the same compile setting); for NF4
+# its peak memory over bnb NF4's, at most 1.
+FLUX_TARGETS = {"qtool-nf4": 1.03, "qtool-nf4-dq": 1.03, "qtool-int8": 1.0}
+FLUX_PEAK_TARGET = ("qtool-nf4", "qtool-nf4-dq")
+FLUX_LEGEND = (
+    "*step*: one transformer forward (at 1024x1024: 4096 image + 512 text tokens, batch 1, guidance), the median of "
+    "the timed calls (CUDA events) after the warm-up ones; *÷ bf16*: over the bf16 variant's in the same run with "
+    "the same compile setting. *peak*: `torch.cuda.max_memory_allocated()` from before the variant is built (eager) "
+    "or compiled to after the timed steps. *weights*: the memory allocated once every weight is made and quantized "
+    "(bnb's quant states included); *build*: making the random weights and quantizing them, layer by layer, on the "
+    "GPU. *first call*: the first step's seconds (Triton's JIT; compiling, with torch.compile). *N steps*: a "
+    "`FluxPipeline` generation at the same size, guidance 3.5, decoded to an image (random VAE weights; no text "
+    "encoders: random prompt embeddings given), after a 2-step warm-up, and its peak memory. *torch.compile*: "
+    "`compile_repeated_blocks(fullgraph=True)`, never counted in the times (fullgraph=False where the notes say). "
+    "Issue 9's targets: qtool NF4 step ≤ 1.03x bf16 with peak memory ≤ bnb NF4's, qtool 8-bit ≤ 1.0x bf16."
+)
+
+
+def latest_runs(rows: list[dict]) -> list[dict]:
+    """The rows of the latest run of each (op, provider, shape, notes) group, so that a figure that run did not
+    produce (an error it no longer hits) is not shown beside its figures; a child's failure (op ``run``) only when
+    nothing of that variant is newer."""
+    rows = latest(rows)
+    newest: dict[tuple, tuple] = {}
+    for r in rows:
+        key = (r["op"], r["provider"], r["shape"], r["notes"])
+        newest[key] = max(newest.get(key, (0.0, "")), when(r))
+    rows = [r for r in rows if when(r) == newest[(r["op"], r["provider"], r["shape"], r["notes"])]]
+    variant: dict[tuple, tuple] = {}
+    for r in rows:
+        if r["op"] != "run":
+            variant[r["provider"], r["shape"]] = max(variant.get((r["provider"], r["shape"]), (0.0, "")), when(r))
+    return [r for r in rows if r["op"] != "run" or when(r) >= variant.get((r["provider"], r["shape"]), (0.0, ""))]
+
+
+def render_flux(rows: list[dict], source: str = f"benchmarks/results/{FLUX}") -> str:
+    """The FLUX transformer section: per shape, a line per variant and compile setting with the step, the
+    generation, their ratios to bf16 and issue 9's targets."""
+    title = f"#### FLUX.1-dev-shaped transformer, step and generation (`benchmarks/bench_flux.py`, `{source}`)"
+    if not rows:
+        return f"{title}\n\nNot measured yet: run `python benchmarks/bench_flux.py` on a GPU machine."
+    rows = latest_runs(rows)
+    parts = [title, environment(rows)]
+    for shape in sorted({r["shape"] for r in rows}):
+        here = [r for r in rows if r["shape"] == shape]
+        gens = sorted({r["op"] for r in here if r["op"].startswith("generate-")}, key=lambda o: int(o.split("-")[1]))
+        header = ["variant", "torch.compile", "step ms", "÷ bf16", "peak GB", "weights GB", "build s", "first call s"]
+        for op in gens:
+            header += [f"{op.split('-')[1]} steps s", "÷ bf16", "peak GB"]
+        header += ["issue 9 target", "notes"]
+        order = {v: i for i, v in enumerate(FLUX_ORDER)}
+        body = []
+        for provider in sorted({r["provider"] for r in here}, key=lambda p: (order.get(p, len(order)), p)):
+            theirs = [r for r in here if r["provider"] == provider]
+            build = [r for r in theirs if r["op"] == "build"]
+            failed = [f"{r['median']}" for r in theirs if r["op"] == "run" and r["metric"] == "error"]
+            for notes in ("eager", "compiled"):
+                mine = [r for r in theirs if r["notes"] == notes]
+                if not mine:
+                    continue
+
+                def cell(op: str, metric: str, found: list[dict] = mine) -> str:
+                    f = figure(found, op=op, metric=metric)
+                    return fmt(f["median"]) if f else ""
+
+                cells = [provider, "yes" if notes == "compiled" else "no", cell("step", "time"),
+                         cell("step", "time_vs_bf16"), cell("step", "peak_memory"), cell("build", "weights", build),
+                         cell("build", "wall", build), cell("step", "first_call")]  # fmt: skip
+                for op in gens:
+                    cells += [cell(op, "wall"), cell(op, "wall_vs_bf16"), cell(op, "peak_memory")]
+                cells.append(flux_target(provider, mine))
+                remarks = [f"{r['op']}: {r['median']}" for r in mine if r["metric"].startswith("error")] + failed
+                if cell("step", "fullgraph") == "0":
+                    remarks.insert(0, "fullgraph=False")
+                cells.append("; ".join(remarks).replace("|", "\\|"))
+                body.append(cells)
+        shown = [i for i in range(len(header)) if i < 2 or any(cells[i] for cells in body)]  # e.g. no peak on a CPU
+        body = [[cells[i] for i in shown] for cells in body]
+        parts.append(f"`{shape}`:\n\n" + table([header[i] for i in shown], body))
+    parts.append(FLUX_LEGEND)
+    return "\n\n".join(parts)
+
+
+def flux_target(provider: str, rows: list[dict]) -> str:
+    """Issue 9's marks for a qtool variant: step ÷ bf16 within its limit, NF4's peak within bnb NF4's."""
+    if provider not in FLUX_TARGETS:
+        return ""
+    limit = FLUX_TARGETS[provider]
+    ratio = figure(rows, op="step", metric="time_vs_bf16")
+    marks = [f"step ≤ {fmt(limit)}x bf16: " + (mark(float(ratio["median"]), limit, "<=") if ratio else "not measured")]
+    if provider in FLUX_PEAK_TARGET:
+        peak = figure(rows, op="step", metric="peak_memory_vs_bnb")
+        marks.append("peak ≤ bnb's: " + (mark(float(peak["median"]), 1, "<=") if peak else "not measured"))
+    return "; ".join(marks)
+
+
 def render(results: Path = RESULTS) -> str:
     """The whole generated block (markers excluded)."""
     tables, old = load(results)
@@ -320,8 +417,9 @@ def render(results: Path = RESULTS) -> str:
     else:
         parts.append(f"{title}\n\nNot measured yet: run `python benchmarks/bench_codecs.py` on a GPU machine.")
     parts.append(render_quality(latest(tables.get(QUALITY, [])), source=f"{rel}/{QUALITY}"))
+    parts.append(render_flux(tables.get(FLUX, []), source=f"{rel}/{FLUX}"))
     for name, rows in tables.items():
-        if name not in (E2E, KERNELS, QUALITY) and rows:
+        if name not in (E2E, KERNELS, QUALITY, FLUX) and rows:
             rows = latest(rows)
             parts.append(f"#### `{rel}/{name}`\n\n{environment(rows)}\n\n{render_pivot(rows)}")
     if old:

@@ -121,7 +121,7 @@ def test_missing_and_old_csvs_render_without_crashing(tmp_path):
     make_table = load_make_table()
     (tmp_path / "quantize_flux.csv").write_text("tool,size,seconds\nqtool,dev,57.9\n")
     block = make_table.render(tmp_path)
-    assert block.count("Not measured yet") == 3
+    assert block.count("Not measured yet") == 4
     assert "quantize_flux.csv" in block and "57.9" not in block
 
 
@@ -166,3 +166,41 @@ def test_quality_table_shows_components_and_the_nf4_target(tmp_path):
     assert "9.99" not in section and "accent" not in section
     assert "On cpu, torch backend:" in section and "On cuda, triton backend:" in section
     assert "| e2k | nf4 | 1 | 1.00 | 1.00 | +0.57 ✓ |" in section.split("On cuda")[1]
+
+
+def test_flux_table_shows_the_latest_run_and_the_targets(tmp_path):
+    """flux.csv: a line per variant and compile setting from the latest run of each figure (an error an older run hit
+    is not shown once a later run succeeds), issue 9's marks from the same-run ratios."""
+    make_table = load_make_table()
+    shape = "flux-dev 1024x1024"
+    old, new = "2026-11-25T10:00:00+00:00", "2026-11-26T10:00:00+00:00"
+
+    def r(provider, op, metric, median, notes="eager", date=new, unit="x"):
+        return {"op": op, "provider": provider, "shape": shape, "metric": metric, "unit": unit, "median": median,
+                "notes": notes, "date": date}  # fmt: skip
+
+    rows = [
+        r("bf16", "step", "time", "180", unit="ms"),
+        r("qtool-nf4", "step", "time", "184", unit="ms"),
+        r("qtool-nf4", "step", "time_vs_bf16", "1.02"),
+        r("qtool-nf4", "step", "peak_memory_vs_bnb", "1.10"),
+        r("qtool-int8", "step", "time_vs_bf16", "0.95"),
+        r("qtool-nf4", "step", "error", "Unsupported: old failure", notes="compiled", date=old, unit="text"),
+        r("qtool-nf4", "step", "time", "150", notes="compiled", unit="ms"),
+        r("qtool-nf4", "step", "fullgraph", "1", notes="compiled", unit="bool"),
+        r("bnb-nf4", "step", "error", "Unsupported: a | b", notes="compiled", unit="text"),
+        r("bnb-nf4", "step", "fullgraph", "0", notes="compiled", unit="bool"),
+        r("bnb-nf4", "run", "error", "child exited 1", notes="", date=old, unit="text"),
+        r("bnb-nf4", "generate-28", "wall", "6.5", unit="s"),
+    ]
+    write_csv(tmp_path / "flux.csv", rows)
+    section = make_table.render(tmp_path).split("#### FLUX.1-dev-shaped", 1)[1]
+    assert "old failure" not in section and "child exited" not in section
+    lines = {tuple(c.strip() for c in line.strip("|").split("|"))[:2]: line for line in section.splitlines()
+             if line.startswith("| ") and not line.startswith("| variant")}  # fmt: skip
+    assert "step ≤ 1.03x bf16: 1.02 ✓; peak ≤ bnb's: 1.10 ✗" in lines["qtool-nf4", "no"]
+    assert "step ≤ 1x bf16: 0.95 ✓" in lines["qtool-int8", "no"]
+    assert "| 150 |" in lines["qtool-nf4", "yes"] and "fullgraph" not in lines["qtool-nf4", "yes"]
+    assert "fullgraph=False; step: Unsupported: a \\| b" in lines["bnb-nf4", "yes"]
+    assert list(lines) == [("bf16", "no"), ("bnb-nf4", "no"), ("bnb-nf4", "yes"), ("qtool-nf4", "no"),
+                           ("qtool-nf4", "yes"), ("qtool-int8", "no")]  # fmt: skip
