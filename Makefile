@@ -1,7 +1,7 @@
 # Verbs mirror CI. Run them inside the project's virtual environment (see README.md).
 PYTEST ?= pytest
 
-.PHONY: test test-gpu lint format bench-e2e perf-table
+.PHONY: test test-gpu lint format bench-e2e bench-flux perf-table
 
 # CPU: the Triton kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA).
 test:
@@ -25,6 +25,13 @@ format:
 E2E_ARGS ?=
 bench-e2e:
 	python benchmarks/e2e_quantize.py $(E2E_ARGS)
+
+# On a CUDA machine (about 5 minutes, at most 9; `--dry-run` shows the plan, `--variants` / `--no-compile` trim it):
+# a FLUX.1-dev-shaped transformer step and a 28-step 1024x1024 generation in bf16, bnb NF4 and qtool NF4 / 8-bit,
+# eager and compiled. Appends to benchmarks/results/flux.csv; then `make perf-table`.
+FLUX_ARGS ?=
+bench-flux:
+	python benchmarks/bench_flux.py $(FLUX_ARGS)
 
 # README's performance tables, regenerated from benchmarks/results/*.csv (tests/test_benchmarks.py checks them).
 perf-table:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
 # Scripts whose --help and --dry-run must not import torch (a plan is printed from arguments and file headers).
-TORCH_FREE = {"e2e_quantize.py", "make_table.py"}
+TORCH_FREE = {"e2e_quantize.py", "make_table.py", "bench_flux.py"}
 # Runs a script as __main__ and reports at exit whether torch got imported.
 WRAPPER = (
     "import atexit, runpy, sys\n"
@@ -166,6 +167,60 @@ def test_quality_table_shows_components_and_the_nf4_target(tmp_path):
     assert "9.99" not in section and "accent" not in section
     assert "On cpu, torch backend:" in section and "On cuda, triton backend:" in section
     assert "| e2k | nf4 | 1 | 1.00 | 1.00 | +0.57 ✓ |" in section.split("On cuda")[1]
+
+
+def load_script(name: str):
+    """A benchmark script as a module (registered first: its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), BENCHMARKS / name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.bnb
+@pytest.mark.slow
+def test_bench_flux_tiny_on_the_cpu(tmp_path):
+    """bench_flux.py --tiny end to end on the CPU, as on the GPU but small: each variant in its own child, no compile.
+    Every variant builds, steps and generates with no error row; every quantized variant converts all the model's
+    Linears (diffusers' bnb quantizer skips none for FLUX); the ratios to bf16 come from the same run; the rows carry
+    the environment; make_table renders them."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    bench = load_script("bench_flux.py")
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**bench.TINY.transformer)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    out = tmp_path / "flux.csv"
+    cmd = [sys.executable, str(BENCHMARKS / "bench_flux.py"), "--tiny", "--no-compile", "--out", str(out)]
+    cmd += ["--variants", ",".join(bench.VARIANTS), "--steps", "2", "--reps", "2", "--warmup", "1"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert {r["shape"] for r in rows} == {"flux-tiny 64x64"}
+    assert all(r["gpu"] == "cpu" and r["torch"] and r["bnb"] and r["diffusers"] and r["date"] for r in rows)
+    assert not [r for r in rows if r["metric"] == "error"], [r for r in rows if r["metric"] == "error"]
+    assert {r["notes"] for r in rows if r["op"] != "build"} == {"eager"}
+    steps = {r["provider"]: r for r in rows if (r["op"], r["metric"]) == ("step", "time")}
+    for variant in bench.VARIANTS:
+        got = {(r["op"], r["metric"]): r for r in rows if r["provider"] == variant}
+        step = steps[variant]
+        assert 0 < float(step["p20"]) <= float(step["median"]) <= float(step["p80"])
+        assert float(got["generate-2", "wall"]["median"]) > 0
+        assert int(got["build", "linears_quantized"]["median"]) == (0 if variant == "bf16" else linears)
+        ratios = {"time_vs_bf16", "wall_vs_bf16"} if variant != "bf16" else set()
+        assert {metric for _, metric in got if metric.endswith("_vs_bf16")} == ratios
+        if variant != "bf16":
+            expected = float(step["median"]) / float(steps["bf16"]["median"])
+            assert float(got["step", "time_vs_bf16"]["median"]) == pytest.approx(expected, rel=1e-3)
+    block = load_make_table().render(tmp_path)
+    section = block.split("#### FLUX.1-dev-shaped", 1)[1]
+    assert "`flux-tiny 64x64`:" in section
+    for variant in bench.VARIANTS:
+        assert f"| {variant} | no |" in section
+    assert "step ≤ 1.03x bf16: " in section and "step ≤ 1x bf16: " in section
 
 
 def test_flux_table_shows_the_latest_run_and_the_targets(tmp_path):
