@@ -19,6 +19,7 @@ its peak memory is its own. Variants (``--variants``):
 - ``bnb-int8``: ``Linear8bitLt(has_fp16_weights=False, threshold=6.0)``, as ``load_in_8bit=True`` makes it.
 - ``qtool-nf4`` / ``qtool-nf4-dq``: ``qtool.nn.QuantLinear4bit.from_linear`` (NF4, compute dtype bf16).
 - ``qtool-int8``: ``qtool.nn.QuantLinear8bit.from_linear(threshold=6.0)`` (bnb's LLM.int8 maths).
+- ``qtool-int8-wo``: the same weights, ``threshold=None``: weight-only (W dequantized, then cuBLAS in bf16).
 
 Which Linears are quantized: those diffusers' bnb quantizer converts. Its ``_process_model_before_weight_loading``
 keeps ``llm_int8_skip_modules`` (None by default) plus the model class's ``_keep_in_fp32_modules`` (None for
@@ -75,7 +76,7 @@ import _flux_source  # noqa: E402
 import _results  # noqa: E402
 
 # Run order: bf16 first (every ratio needs it), bnb before qtool (qtool's peak is compared with bnb's).
-VARIANTS = ("bf16", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "qtool-nf4", "qtool-nf4-dq", "qtool-int8")
+VARIANTS = ("bf16", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "qtool-nf4", "qtool-nf4-dq", "qtool-int8", "qtool-int8-wo")
 DEFAULT_VARIANTS = ("bf16", "bnb-nf4", "qtool-nf4", "qtool-int8")
 # qtool variant -> the bnb variant whose peak memory it is held to (issue 9: NF4 "peak memory <= bnb's").
 BNB_TWIN = {"qtool-nf4": "bnb-nf4", "qtool-nf4-dq": "bnb-nf4-dq", "qtool-int8": "bnb-int8"}
@@ -204,6 +205,8 @@ def linear_maker(variant: str):
 
         if variant == "qtool-int8":
             return lambda linear: QuantLinear8bit.from_linear(linear, threshold=6.0)
+        if variant == "qtool-int8-wo":
+            return lambda linear: QuantLinear8bit.from_linear(linear, threshold=None)
         dq = variant.endswith("-dq")
         return lambda linear: QuantLinear4bit.from_linear(
             linear, quant_type="nf4", double_quant=dq, compute_dtype=torch.bfloat16

@@ -1,13 +1,13 @@
-"""W4A16: ``y = x W^T + b`` with W in bitsandbytes' 4-bit format, dequantized inside the matmul's K loop.
+"""W4A16 for decode: ``y = x W^T + b`` with W in bitsandbytes' 4-bit format, read once from memory, on CUDA cores.
 
-The twin (and the oracle) is ``qtool.linear.linear_4bit_ref``: dequantize W to x's dtype, then ``F.linear``. The
-kernel dequantizes each [BLOCK_N, BLOCK_K] tile of W the same way (``quant_map[code] * absmax`` in float32, rounded
-to x's dtype; with double quant the absmax rebuilt from its code as ``dequantize_absmax`` does) and feeds it to the
-tensor cores with float32 accumulation: the result differs from the reference only by the order of the sums.
+The twin (and the oracle) is ``qtool.linear.linear_4bit_ref``: dequantize W to x's dtype, then ``F.linear``. Each
+program streams BLOCK_N rows of packed codes for one row of x; the even and odd elements of a packed byte meet x's
+even and odd columns, so the codes are never interleaved. With double quant the absmax is rebuilt from its code as
+``dequantize_absmax`` does.
 
-Small M (decode: a few tokens) is memory-bound on W: each program streams BLOCK_N rows of packed codes once for all
-(up to 16) rows of x. The even and odd elements of a packed byte meet the even and odd columns of x in two dots, so
-the codes are never interleaved in registers.
+A tensor-core variant (W's dequantized tile as the MMA's register operand, any M) was measured on the H100 and
+removed: 320-400 us at 1 and 16 rows of 4096 -> 14336 and 7.9-8.1 ms at 4608 rows of the FLUX shapes, where
+dequantize + cuBLAS takes 108 us and 0.55 ms (benchmarks/results/tuning/matmul_sweep.csv).
 """
 
 from __future__ import annotations
@@ -29,114 +29,21 @@ from ._common import (
 )
 from .double_quant import rebuild_absmax
 
-# The CUDA-core variant ("rows"): up to ROWS_MAX_M rows of x, one per program-grid row, K in whole BLOCK_K tiles.
-ROWS_MAX_M = 4
-ROWS_BLOCK_N = 16 if INTERPRETING else 8
-ROWS_BLOCK_K = 512
-ROWS_WARPS = 2
-ROWS_STAGES = 1
-# The tensor-core variant ("dot"): tiles (BLOCK_M rows of x, BLOCK_N rows of W, BLOCK_K, warps, stages), one for a
-# few rows of x (decode) and one for many (prefill, diffusion). W's tile is the MMA's left operand (out^T = W x^T).
-DOT_SMALL_M = 16
-DOT_SMALL = (16, 32, 64, 4, 1) if INTERPRETING else (16, 64, 256, 4, 4)
-DOT_LARGE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 128, 64, 8, 3)
-GROUP_M = 8
+# The CUDA-core kernel: up to MAX_M rows of x (one per program-grid row), K in whole BLOCK_K tiles. H100 sweep
+# (bench_matmul.py --sweep, 1 x 4096 -> 14336): BLOCK_N 4, BLOCK_K 256, 1 warp 35.6 us (bnb 29, bf16 42); 8/256/2
+# warps 36.2 us; a software-pipelined K loop (num_stages 2-3) 270-620 us. Each extra row of x costs about as much
+# again (4 rows: 111 us), so dispatch takes one row only; more go to dequantize + cuBLAS.
+MAX_M = 4
+BLOCK_N = 16 if INTERPRETING else 4
+BLOCK_K = 256
+WARPS = 1
 
 
-# Which kernel serves which M on the GPU, from benchmarks/bench_matmul.py --sweep on the H100: (largest M, variant);
-# above the last entry, dequantize + cuBLAS.
-DISPATCH = ((ROWS_MAX_M, "rows"), (DOT_SMALL_M, "dot"))
-
-
-def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> str | None:
-    """The variant ``qtool.linear`` calls for x [..., K] against an [N, K] weight ("rows" or "dot"), or None where
-    dequantize + cuBLAS is faster (or no kernel takes the shape: 16-bit x, K a multiple of the blocksize)."""
+def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> bool:
+    """Whether ``qtool.linear`` calls this kernel for x [..., K] against an [N, K] weight: one row of 16-bit x, K a
+    multiple of the K tile; otherwise dequantize + cuBLAS is faster on the H100 (or the only path)."""
     m = x.numel() // max(k, 1)
-    if x.dtype not in (torch.bfloat16, torch.float16) or m == 0 or n == 0 or k % blocksize:
-        return None
-    for top, variant in DISPATCH:
-        if m <= top and (variant != "rows" or _rows_fit(m, k, blocksize, max(ROWS_BLOCK_K, blocksize))):
-            return variant
-    return None
-
-
-@triton.jit
-def _w4a16_dot_kernel(
-    x_ptr,  # *bf16|fp16 [M, K] (float32 with BF16_BY_HAND), row stride stride_xm
-    packed_ptr,  # *u8 [N * K / 2], row-major W, element 2j in the high nibble
-    absmax_ptr,  # *fp32 [nblocks], or *u8 codes with NESTED
-    qmap_ptr,  # *fp32 [16]
-    nested_absmax_ptr,  # *fp32 (NESTED only)
-    nested_map_ptr,  # *fp32 [256] (NESTED only)
-    offset_ptr,  # *fp32 [1] (NESTED only)
-    bias_ptr,  # *bf16|fp16 [N] (HAS_BIAS only)
-    out_ptr,  # *bf16|fp16 [M, N], row stride N
-    M,
-    N,
-    K,
-    stride_xm,
-    QBLOCK: tl.constexpr,
-    NESTED: tl.constexpr,
-    NBLOCK: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # a multiple of QBLOCK
-    GROUP: tl.constexpr,
-    STAGES: tl.constexpr,
-    INTERLEAVE: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr,
-):
-    # out^T tile [BLOCK_N, BLOCK_M] = W tile [BLOCK_N, BLOCK_K] @ x^T tile [BLOCK_K, BLOCK_M]: W, dequantized in
-    # registers as the reference does (quant_map[code] * absmax in float32, rounded to x's dtype), is the MMA's left
-    # operand, which can stay in registers; x goes through shared memory. INTERLEAVE puts each byte's two elements
-    # side by side (one dot over BLOCK_K, x loaded contiguous); otherwise the even and odd elements meet x's even
-    # and odd columns in two dots of BLOCK_K / 2 (no shuffle of W, x loaded with a stride of 2).
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP * tiles_n
-    first_m = (pid // per_group) * GROUP
-    group = tl.minimum(tiles_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % group
-    pid_n = (pid % per_group) // group
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    offs_b = tl.arange(0, BLOCK_K // QBLOCK)
-    offs_j = tl.arange(0, QBLOCK // 2)
-    dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-        # [BLOCK_N, BLOCK_K / QBLOCK] blocks; a block never straddles rows (QBLOCK divides K here)
-        blk = (offs_n[:, None] * K + k0) // QBLOCK + offs_b[None, :]
-        mask_b = mask_n[:, None] & (k0 + offs_b * QBLOCK < K)[None, :]
-        if NESTED:
-            a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask_b, NBLOCK)
-        else:
-            a = tl.load(absmax_ptr + blk, mask=mask_b, other=0.0)
-        p = tl.load(packed_ptr + blk[:, :, None] * (QBLOCK // 2) + offs_j[None, None, :], mask=mask_b[:, :, None],
-                    other=0).to(tl.int32)  # fmt: skip
-        w_hi = _round_w(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND)
-        w_lo = _round_w(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND)
-        if INTERLEAVE:
-            w = tl.reshape(tl.join(w_hi, w_lo), [BLOCK_N, BLOCK_K])
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + ks[:, None], mask=mask_m[None, :] & (ks < K)[:, None],
-                         other=0.0)  # fmt: skip
-            acc = tl.dot(w, xt, acc)
-        else:
-            ke = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # the even columns
-            mask_x = mask_m[None, :] & (ke < K)[:, None]
-            x_even = tl.load(x_ptr + offs_m[None, :] * stride_xm + ke[:, None], mask=mask_x, other=0.0)
-            x_odd = tl.load(x_ptr + offs_m[None, :] * stride_xm + ke[:, None] + 1, mask=mask_x, other=0.0)
-            acc = tl.dot(tl.reshape(w_hi, [BLOCK_N, BLOCK_K // 2]), x_even, acc)
-            acc = tl.dot(tl.reshape(w_lo, [BLOCK_N, BLOCK_K // 2]), x_odd, acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + offs_m[None, :] * N + offs_n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+    return x.dtype in (torch.bfloat16, torch.float16) and m == 1 and n > 0 and _fits(m, k, blocksize, BLOCK_K)
 
 
 @triton.jit
@@ -149,7 +56,7 @@ def _round_w(w, dtype, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_rows_kernel(
+def _w4a16_gemv_kernel(
     x_ptr,  # *bf16|fp16 [M, K]
     packed_ptr,  # *u8 [N * K / 2]
     absmax_ptr,  # *fp32 [nblocks], or *u8 codes with NESTED
@@ -170,7 +77,6 @@ def _w4a16_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
     SCALE_AFTER: tl.constexpr,
-    STAGES: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
     # Few rows of x: CUDA-core products and row sums (no tensor-core layout shuffles), one x row per program axis 1.
@@ -186,7 +92,7 @@ def _w4a16_rows_kernel(
     offs_j = tl.arange(0, QBLOCK // 2)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k0 in range(0, K, BLOCK_K):
         blk = (offs_n[:, None] * K + k0) // QBLOCK + offs_b[None, :]  # [BLOCK_N, BLOCK_K / QBLOCK]
         if NESTED:
             a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask_n[:, None], NBLOCK)
@@ -221,23 +127,20 @@ def linear_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_quant_map: torch.Tensor | None = None,
     nested_offset: torch.Tensor | float | None = None,
-    variant: str | None = None,
-    tile: tuple[int, int, int, int, int] | None = None,
-    interleave: bool = True,
+    tile: tuple[int, int, int] | None = None,
     scale_after: bool = True,
 ) -> torch.Tensor:
-    """Triton twin of ``qtool.linear.linear_4bit_ref``: 16-bit [..., K] -> [..., N] in x's dtype.
-
-    ``variant``: "rows" (CUDA cores; at most ``ROWS_MAX_M`` rows of x, K a multiple of the K tile) or "dot" (tensor
-    cores, any M); None picks "rows" where it can, else "dot". ``tile``: "rows" (BLOCK_N, BLOCK_K, warps, stages), "dot"
-    (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); None: the defaults above. ``interleave`` / ``scale_after``: the
-    "dot" / "rows" kernel's options (see the kernels). Never waits for the GPU."""
+    """Triton twin of ``qtool.linear.linear_4bit_ref`` for at most ``MAX_M`` rows of 16-bit x and K a multiple of
+    the K tile: [..., K] -> [..., N] in x's dtype. ``tile`` = (BLOCK_N, BLOCK_K, warps), by default the module's;
+    ``scale_after``: see the kernel. Never waits for the GPU."""
     n, k = shape
-    rows = x.numel() // max(k, 1)
-    if x.dtype not in (torch.bfloat16, torch.float16) or rows == 0 or k % blocksize:
-        raise ValueError(f"linear_4bit's kernels take 16-bit x and K a multiple of the blocksize: {tuple(x.shape)}")
-    if variant not in (None, "rows", "dot"):
-        raise ValueError(f"variant must be 'rows' or 'dot', got {variant!r}")
+    m = x.numel() // max(k, 1)
+    block_n, block_k, warps = tile or (BLOCK_N, max(BLOCK_K, blocksize), WARPS)
+    if x.dtype not in (torch.bfloat16, torch.float16) or not _fits(m, k, blocksize, block_k):
+        raise ValueError(
+            f"linear_4bit's kernel takes at most {MAX_M} rows of 16-bit x and K in whole {block_k} tiles "
+            f"(a multiple of the blocksize {blocksize}): {tuple(x.shape)} {x.dtype}"
+        )
     check_device(x, packed, absmax, quant_map)
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
@@ -246,7 +149,6 @@ def linear_4bit(
     if by_hand:  # the interpreter's bf16 loads and stores are not the GPU's (cpu-testing.md §2.2)
         x2 = x2.float()
         bias = bias.float() if bias is not None else None
-    m = x2.shape[0]
     out = torch.empty((m, n), dtype=x2.dtype, device=x.device)
     nested = nested_absmax is not None
     if nested:
@@ -257,37 +159,16 @@ def linear_4bit(
         )
     else:
         nested_args = (absmax, absmax, absmax)  # unused placeholders
-    args = (
-        x2, packed.reshape(-1).view(torch.uint8), absmax if nested else absmax.to(torch.float32),
-        quant_map.to(torch.float32), *nested_args, bias if bias is not None else out, out, m, n, k, x2.stride(0),
-    )  # fmt: skip
-    common = {"QBLOCK": blocksize, "NESTED": nested, "NBLOCK": NESTED_BLOCKSIZE, "HAS_BIAS": bias is not None,
-              "BF16_BY_HAND": by_hand, **launch_options()}  # fmt: skip
-    if variant is None:
-        variant = "rows" if _rows_fit(m, k, blocksize, tile[1] if tile else ROWS_BLOCK_K) else "dot"
     with device_guard(x):
-        if variant == "rows":
-            block_n, block_k, warps, stages = tile or (ROWS_BLOCK_N, max(ROWS_BLOCK_K, blocksize), ROWS_WARPS,
-                                                       ROWS_STAGES)  # fmt: skip
-            if not _rows_fit(m, k, blocksize, block_k):
-                raise ValueError(f"the rows variant takes at most {ROWS_MAX_M} rows and K in whole {block_k} tiles")
-            _w4a16_rows_kernel[(triton.cdiv(n, block_n), m)](
-                *args, BLOCK_N=block_n, BLOCK_K=block_k, SCALE_AFTER=scale_after, STAGES=stages, **common,
-                **warps_option(warps, warps),
-            )  # fmt: skip
-        else:
-            block_m, block_n, block_k, warps, stages = tile or (DOT_SMALL if m <= DOT_SMALL_M else DOT_LARGE)
-            if tile is None:
-                block_k = max(block_k, blocksize)  # blocksizes are powers of two
-            if block_k % blocksize:
-                raise ValueError(f"the dot variant's K tile ({block_k}) must be a multiple of the blocksize")
-            grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-            _w4a16_dot_kernel[grid](
-                *args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M, STAGES=stages,
-                INTERLEAVE=interleave, **common, **warps_option(warps, warps),
-            )  # fmt: skip
+        _w4a16_gemv_kernel[(triton.cdiv(n, block_n), m)](
+            x2, packed.reshape(-1).view(torch.uint8), absmax if nested else absmax.to(torch.float32),
+            quant_map.to(torch.float32), *nested_args, bias if bias is not None else out, out, m, n, k, x2.stride(0),
+            QBLOCK=blocksize, NESTED=nested, NBLOCK=NESTED_BLOCKSIZE, HAS_BIAS=bias is not None, BLOCK_N=block_n,
+            BLOCK_K=block_k, SCALE_AFTER=scale_after, BF16_BY_HAND=by_hand, **warps_option(warps, warps),
+            **launch_options(),
+        )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def _rows_fit(m: int, k: int, blocksize: int, block_k: int) -> bool:
-    return m <= ROWS_MAX_M and k % block_k == 0 and block_k % blocksize == 0
+def _fits(m: int, k: int, blocksize: int, block_k: int) -> bool:
+    return 0 < m <= MAX_M and k % block_k == 0 and block_k % blocksize == 0

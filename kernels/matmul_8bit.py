@@ -10,10 +10,10 @@ Two launches, no host sync (so CUDA graphs and ``torch.compile`` keep the layer 
    the zeroed flags, so their races are harmless).
 2. ``_int8_matmul_kernel``: the int32 product of the codes on the tensor cores over all K. Then, only where a K
    tile holds a flagged column (one flag load per tile; none without a threshold), the codes of those columns are
-   taken back out of the int32 sum (bnb zeroes them before its product: the integer sums are the same) and the
-   columns are multiplied in 16-bit against W's dequantized columns instead. The epilogue scales by
-   ``SCA * SCB * LLM_INT8_SCALE`` in float32, adds the bias, rounds to x's dtype (as bnb's ``int8_mm_dequant``
-   does) and adds the 16-bit part with one more rounding (bnb's ``addmm``).
+   taken back out of the int32 sum (bnb zeroes them before its product: the integer sums are the same). The
+   epilogue scales by ``SCA * SCB * LLM_INT8_SCALE`` in float32, adds the bias and rounds to x's dtype (as bnb's
+   ``int8_mm_dequant`` does); the outlier columns of x times W's dequantized columns are added onto that in 16-bit
+   with one more rounding (bnb's ``addmm``).
 
 Under the interpreter bf16 x comes in as a float32 copy and every bf16 rounding is done on the bits (cpu-testing.md
 §2.2), so the CPU tests see the GPU's arithmetic.
@@ -39,7 +39,9 @@ ACT_ROWS = 16 if INTERPRETING else 1
 ACT_BLOCK_K = 4096 if INTERPRETING else 2048
 ACT_WARPS = 4
 # Matmul tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for a large M and for a few rows (decode).
-LARGE_TILE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 256, 128, 8, 3)
+# H100 sweep (bench_matmul.py --sweep, 4608 x 3072 -> 12288): 128x128x256, 8 warps, 3 stages 709 us; 128x128x128, 8
+# warps, 4 stages 829 us; 128x256 tiles or 4 warps 2-4 ms (register spills). 16 rows x 4096 -> 14336: 16x64x256 35 us.
+LARGE_TILE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 128, 256, 8, 3)
 SMALL_TILE = (16, 32, 64, 4, 1) if INTERPRETING else (16, 64, 256, 4, 4)
 SMALL_M = 16
 GROUP_M = 8
@@ -142,8 +144,7 @@ def _int8_matmul_kernel(
         b_ptrs += BLOCK_K
     sca = tl.load(sca_ptr + offs_m, mask=mask_m, other=0.0)
     scb = tl.load(scb_ptr + offs_n, mask=mask_n, other=0.0)
-    if OUTLIERS:
-        sub = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if OUTLIERS:  # take the outlier columns' codes back out of the integer sum
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + offs_k
             flag = tl.load(cols_ptr + ks, mask=ks < K, other=0)
@@ -152,15 +153,21 @@ def _int8_matmul_kernel(
                 a = tl.load(ca_ptr + offs_m[:, None] * K + ks[None, :], mask=mask_m[:, None] & keep, other=0)
                 b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & keep, other=0)
                 acc -= tl.dot(a, tl.trans(b), out_dtype=tl.int32)
-                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=mask_m[:, None] & keep, other=0.0)
-                # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
-                w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
-                sub = tl.dot(xo, tl.trans(w), sub)
     y = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * _SCALE
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if OUTLIERS:
-        y = _round(y, out_ptr.dtype.element_ty, BY_HAND).to(tl.float32) + sub
+    if OUTLIERS:  # then add them in 16-bit, accumulating onto the rounded output (one accumulator alive at a time)
+        y = _round(y, out_ptr.dtype.element_ty, BY_HAND).to(tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            flag = tl.load(cols_ptr + ks, mask=ks < K, other=0)
+            if tl.max(flag, axis=0) > 0:
+                keep = (flag > 0)[None, :]
+                b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & keep, other=0)
+                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=mask_m[:, None] & keep, other=0.0)
+                # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
+                w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
+                y = tl.dot(xo, tl.trans(w), y)
     out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
 

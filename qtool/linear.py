@@ -4,7 +4,7 @@
 opaque call per layer instead of tracing a kernel launcher (no graph break). Their reference is dequantize, then
 ``F.linear`` in the activation's dtype for 4-bit, LLM.int8's math for 8-bit (``linear_4bit_ref`` / ``linear_8bit_ref``:
 the CPU path and the oracle); on CUDA tensors they dispatch to the Triton kernels in ``qtool.kernels.matmul_4bit``
-(where ``matmul_4bit.choose`` picks one for the shape; the fused Triton dequantize + cuBLAS otherwise) and
+(where ``matmul_4bit.choose`` takes the shape; the fused Triton dequantize + cuBLAS otherwise) and
 ``qtool.kernels.matmul_8bit``.
 
 ``QuantLinear4bit`` / ``QuantLinear8bit`` hold a layer's stored tensors as buffers (on-disk names) and call them.
@@ -156,12 +156,11 @@ def _linear_4bit_op(
     if x.is_cuda:
         from qtool.kernels import matmul_4bit
 
-        variant = matmul_4bit.choose(x, n, k, blocksize)
-        if variant is not None:
+        if matmul_4bit.choose(x, n, k, blocksize):
             return matmul_4bit.linear_4bit(
                 x, packed, absmax, quant_map, bias if bias.numel() else None, blocksize=blocksize, shape=(n, k),
                 nested_absmax=nested_absmax if nested else None, nested_quant_map=nested_quant_map if nested else None,
-                nested_offset=nested_offset if nested else None, variant=variant,
+                nested_offset=nested_offset if nested else None,
             )  # fmt: skip
     w = _dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
                          (n, k), x.dtype)  # fmt: skip
