@@ -19,6 +19,7 @@ its peak memory is its own. Variants (``--variants``):
 - ``bnb-int8``: ``Linear8bitLt(has_fp16_weights=False, threshold=6.0)``, as ``load_in_8bit=True`` makes it.
 - ``qtool-nf4`` / ``qtool-nf4-dq``: ``qtool.nn.QuantLinear4bit.from_linear`` (NF4, compute dtype bf16).
 - ``qtool-int8``: ``qtool.nn.QuantLinear8bit.from_linear(threshold=6.0)`` (bnb's LLM.int8 maths).
+- ``qtool-int8-t0``: the same weights, ``threshold=0`` (``llm_int8_threshold: 0``): the pure int8 product.
 - ``qtool-int8-wo``: the same weights, ``threshold=None``: weight-only (W dequantized, then cuBLAS in bf16).
 
 Which Linears are quantized: those diffusers' bnb quantizer converts. Its ``_process_model_before_weight_loading``
@@ -76,7 +77,10 @@ import _flux_source  # noqa: E402
 import _results  # noqa: E402
 
 # Run order: bf16 first (every ratio needs it), bnb before qtool (qtool's peak is compared with bnb's).
-VARIANTS = ("bf16", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "qtool-nf4", "qtool-nf4-dq", "qtool-int8", "qtool-int8-wo")
+VARIANTS = (
+    "bf16", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "qtool-nf4", "qtool-nf4-dq", "qtool-int8", "qtool-int8-t0",
+    "qtool-int8-wo",
+)  # fmt: skip
 DEFAULT_VARIANTS = ("bf16", "bnb-nf4", "qtool-nf4", "qtool-int8")
 # qtool variant -> the bnb variant whose peak memory it is held to (issue 9: NF4 "peak memory <= bnb's").
 BNB_TWIN = {"qtool-nf4": "bnb-nf4", "qtool-nf4-dq": "bnb-nf4-dq", "qtool-int8": "bnb-int8"}
@@ -205,6 +209,8 @@ def linear_maker(variant: str):
 
         if variant == "qtool-int8":
             return lambda linear: QuantLinear8bit.from_linear(linear, threshold=6.0)
+        if variant == "qtool-int8-t0":
+            return lambda linear: QuantLinear8bit.from_linear(linear, threshold=0.0)
         if variant == "qtool-int8-wo":
             return lambda linear: QuantLinear8bit.from_linear(linear, threshold=None)
         dq = variant.endswith("-dq")

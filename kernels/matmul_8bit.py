@@ -3,17 +3,18 @@
 Twins (and oracles): ``int8_activations`` is ``qtool.linear.int8_activations_ref`` bit for bit; ``linear_8bit`` is
 ``qtool.linear.linear_8bit_ref`` with a threshold (bnb ``Linear8bitLt``'s inference math).
 
-Two launches, no host sync (so CUDA graphs and ``torch.compile`` keep the layer whole):
+Up to four launches, no host sync (so CUDA graphs and ``torch.compile`` keep the layer whole):
 
-1. ``_int8_activations_kernel``, one pass over x: each row's absmax over the elements below the threshold, the
-   int8 codes (outliers 0), and a flag for every column that holds an outlier (programs only ever store 1 into
-   the zeroed flags, so their races are harmless).
-2. ``_int8_matmul_kernel``: the int32 product of the codes on the tensor cores over all K. Then, only where a K
-   tile holds a flagged column (one flag load per tile; none without a threshold), the codes of those columns are
-   taken back out of the int32 sum (bnb zeroes them before its product: the integer sums are the same). The
-   epilogue scales by ``SCA * SCB * LLM_INT8_SCALE`` in float32, adds the bias and rounds to x's dtype (as bnb's
-   ``int8_mm_dequant`` does); the outlier columns of x times W's dequantized columns are added onto that in 16-bit
-   with one more rounding (bnb's ``addmm``).
+1. With a threshold, ``_outlier_cols_kernel`` flags every column of x holding an element of magnitude >= threshold
+   (programs only ever store 1 into the zeroed flags, so their races are harmless; one more flag says "any").
+2. ``_int8_activations_kernel``: each row's absmax over the elements below the threshold, and the int8 codes, 0 in
+   the outlier columns (bnb's CA).
+3. ``_int8_matmul_kernel``: the int32 product on the tensor cores; the epilogue scales by
+   ``SCA * SCB * LLM_INT8_SCALE`` in float32, adds the bias and rounds to x's dtype (bnb's ``int8_mm_dequant``).
+4. With a threshold, ``_outlier_addmm_kernel`` adds x's outlier columns times W's dequantized columns (in x's
+   dtype) onto that output, one more rounding, as bnb's ``addmm`` does; it reads only the K tiles that hold a
+   flagged column, and returns at once when none does. Keeping it out of the matmul keeps the matmul's registers
+   for the int32 tile: with it inside, the common case without outliers ran 1.8x slower on the H100.
 
 Under the interpreter bf16 x comes in as a float32 copy and every bf16 rounding is done on the bits (cpu-testing.md
 §2.2), so the CPU tests see the GPU's arithmetic.
@@ -34,7 +35,9 @@ from .quant_8bit import round_to_int8
 _SCALE = tl.constexpr(LLM_INT8_SCALE)
 _INV_127 = tl.constexpr(INV_127)
 
-# Activation quantization: rows per program and the K chunk (two passes over K when a row is longer).
+# Outlier columns: the tile per program. Activation quantization: rows per program and the K chunk (two passes over
+# K when a row is longer).
+FLAG_TILE = (64, 256)
 ACT_ROWS = 16 if INTERPRETING else 1
 ACT_BLOCK_K = 4096 if INTERPRETING else 2048
 ACT_WARPS = 4
@@ -45,6 +48,29 @@ LARGE_TILE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 128, 256, 8, 3)
 SMALL_TILE = (16, 32, 64, 4, 1) if INTERPRETING else (16, 64, 256, 4, 4)
 SMALL_M = 16
 GROUP_M = 8
+# The outlier part: (BLOCK_M, BLOCK_N, BLOCK_K, warps); a narrow K tile reads few columns that hold no outlier.
+OUTLIER_TILE = (32, 32, 32, 4) if INTERPRETING else (128, 128, 32, 8)
+
+
+@triton.jit
+def _outlier_cols_kernel(
+    x_ptr,  # *fp16|bf16|fp32 [M, K]
+    cols_ptr,  # *i32 [K + 1], zeroed by the caller: 1 for each outlier column, and at K if there is any
+    M,
+    K,
+    stride_xm,
+    threshold,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = tl.program_id(1).to(tl.int64) * BLOCK_K
+    a = _load_fp16(x_ptr, offs_m, offs_m < M, k0, K, stride_xm, BLOCK_K)
+    hit = tl.max((tl.abs(a) >= threshold).to(tl.int32), axis=0)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(cols_ptr + offs_k, hit, mask=(offs_k < K) & (hit > 0))
+    if tl.max(hit, axis=0) > 0:
+        tl.store(cols_ptr + K, 1)
 
 
 @triton.jit
@@ -52,7 +78,7 @@ def _int8_activations_kernel(
     x_ptr,  # *fp16|bf16|fp32 [M, K], row stride stride_xm
     ca_ptr,  # *i8 [M, K]
     sca_ptr,  # *fp32 [M]
-    cols_ptr,  # *i32 [K], zeroed by the caller (THRESHOLD only)
+    cols_ptr,  # *i32 [K + 1] outlier-column flags (THRESHOLD only)
     M,
     K,
     stride_xm,
@@ -67,20 +93,17 @@ def _int8_activations_kernel(
     for k0 in range(0, K, BLOCK_K):
         a = _load_fp16(x_ptr, offs_m, mask_m, k0, K, stride_xm, BLOCK_K)
         if THRESHOLD:
-            out = tl.abs(a) >= threshold
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            hit = tl.max(out.to(tl.int32), axis=0)
-            tl.store(cols_ptr + offs_k, hit, mask=(offs_k < K) & (hit > 0))
-            a = tl.where(out, 0.0, a)
+            a = tl.where(tl.abs(a) >= threshold, 0.0, a)
         absmax = tl.maximum(absmax, tl.max(tl.abs(a), axis=1))
     # bnb: A * (127.0 / row_stats), which PyTorch computes as row_stats.reciprocal() * 127: two float32 roundings
     # (div_rn: Triton's "/" is approximate on the GPU).
     scale = 127.0 * tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), absmax)
     for k0 in range(0, K, BLOCK_K):
         a = _load_fp16(x_ptr, offs_m, mask_m, k0, K, stride_xm, BLOCK_K)
-        if THRESHOLD:
-            a = tl.where(tl.abs(a) >= threshold, 0.0, a)
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        if THRESHOLD:
+            flagged = tl.load(cols_ptr + offs_k, mask=offs_k < K, other=0) > 0
+            a = tl.where(flagged[None, :], 0.0, a)
         mask = mask_m[:, None] & (offs_k < K)[None, :]
         tl.store(ca_ptr + offs_m[:, None] * K + offs_k[None, :], round_to_int8(a * scale[:, None]), mask=mask)
     tl.store(sca_ptr + offs_m, absmax, mask=mask_m)
@@ -96,20 +119,31 @@ def _load_fp16(x_ptr, offs_m, mask_m, k0, K, stride_xm, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+    # Grouped launch order: GROUP row tiles share each column tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group
+    pid_n = (pid % per_group) // group
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n
+
+
+@triton.jit
 def _int8_matmul_kernel(
     ca_ptr,  # *i8 [M, K]
     cb_ptr,  # *i8 [N, K]: the stored weight
     sca_ptr,  # *fp32 [M]
     scb_ptr,  # *fp32 [N]
-    x_ptr,  # *bf16|fp16 [M, K] (float32 under the interpreter with BY_HAND), row stride stride_xm (OUTLIERS)
-    cols_ptr,  # *i32 [K] outlier-column flags (OUTLIERS)
     bias_ptr,  # *bf16|fp16 [N] (HAS_BIAS)
     out_ptr,  # *bf16|fp16 [M, N] (float32 with BY_HAND)
     M,
     N,
     K,
-    stride_xm,
-    OUTLIERS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -118,17 +152,7 @@ def _int8_matmul_kernel(
     STAGES: tl.constexpr,
     BY_HAND: tl.constexpr,
 ):
-    # Grouped launch order: GROUP row tiles share each column tile while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP * tiles_n
-    first_m = (pid // per_group) * GROUP
-    group = tl.minimum(tiles_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % group
-    pid_n = (pid % per_group) // group
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -144,32 +168,48 @@ def _int8_matmul_kernel(
         b_ptrs += BLOCK_K
     sca = tl.load(sca_ptr + offs_m, mask=mask_m, other=0.0)
     scb = tl.load(scb_ptr + offs_n, mask=mask_n, other=0.0)
-    if OUTLIERS:  # take the outlier columns' codes back out of the integer sum
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            flag = tl.load(cols_ptr + ks, mask=ks < K, other=0)
-            if tl.max(flag, axis=0) > 0:
-                keep = (flag > 0)[None, :]
-                a = tl.load(ca_ptr + offs_m[:, None] * K + ks[None, :], mask=mask_m[:, None] & keep, other=0)
-                b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & keep, other=0)
-                acc -= tl.dot(a, tl.trans(b), out_dtype=tl.int32)
     y = acc.to(tl.float32) * (sca[:, None] * scb[None, :]) * _SCALE
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if OUTLIERS:  # then add them in 16-bit, accumulating onto the rounded output (one accumulator alive at a time)
-        y = _round(y, out_ptr.dtype.element_ty, BY_HAND).to(tl.float32)
+    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _outlier_addmm_kernel(
+    x_ptr,  # *bf16|fp16 [M, K] (float32 with BY_HAND), row stride stride_xm
+    cb_ptr,  # *i8 [N, K]
+    scb_ptr,  # *fp32 [N]
+    cols_ptr,  # *i32 [K + 1] outlier-column flags, "any" at K
+    out_ptr,  # *bf16|fp16 [M, N], read and written (float32 with BY_HAND)
+    M,
+    N,
+    K,
+    stride_xm,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,
+    BY_HAND: tl.constexpr,
+):
+    if tl.load(cols_ptr + K) > 0:
+        offs_m, offs_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+        y = tl.load(out, mask=mask, other=0.0).to(tl.float32)
+        scb = tl.load(scb_ptr + offs_n, mask=offs_n < N, other=0.0)
         for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
+            ks = k0 + tl.arange(0, BLOCK_K)
             flag = tl.load(cols_ptr + ks, mask=ks < K, other=0)
             if tl.max(flag, axis=0) > 0:
                 keep = (flag > 0)[None, :]
-                b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & keep, other=0)
-                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=mask_m[:, None] & keep, other=0.0)
+                b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=(offs_n < N)[:, None] & keep, other=0)
+                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=(offs_m < M)[:, None] & keep,
+                             other=0.0)  # fmt: skip
                 # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
                 w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
                 y = tl.dot(xo, tl.trans(w), y)
-    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
+        tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask)
 
 
 @triton.jit
@@ -189,21 +229,26 @@ def int8_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
     check_device(x)
     if x.stride(1) != 1:
         x = x.contiguous()
+    ca, sca, cols = _activations(x, threshold)
+    return ca, sca, cols[:-1].bool()
+
+
+def _activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     ca = torch.empty((m, k), dtype=torch.int8, device=x.device)
     sca = torch.empty(m, dtype=torch.float32, device=x.device)
-    cols = torch.zeros(k, dtype=torch.int32, device=x.device)
-    _launch_activations(x, ca, sca, cols, threshold)
-    return ca, sca, cols.bool()
-
-
-def _launch_activations(x, ca, sca, cols, threshold: float) -> None:
-    m, k = x.shape
+    cols = torch.zeros(k + 1, dtype=torch.int32, device=x.device)
     with device_guard(x):
+        if threshold > 0:
+            block_m, block_k = FLAG_TILE
+            _outlier_cols_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_k))](
+                x, cols, m, k, x.stride(0), float(threshold), BLOCK_M=block_m, BLOCK_K=block_k, **launch_options()
+            )
         _int8_activations_kernel[(triton.cdiv(m, ACT_ROWS),)](
             x, ca, sca, cols, m, k, x.stride(0), float(threshold), THRESHOLD=threshold > 0, ROWS=ACT_ROWS,
             BLOCK_K=min(ACT_BLOCK_K, triton.next_power_of_2(k)), **warps_option(None, ACT_WARPS), **launch_options(),
         )  # fmt: skip
+    return ca, sca, cols
 
 
 def linear_8bit(
@@ -231,25 +276,26 @@ def linear_8bit(
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    ca = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    sca = torch.empty(m, dtype=torch.float32, device=x.device)
-    outliers = threshold > 0
-    cols = torch.zeros(k if outliers else 1, dtype=torch.int32, device=x.device)
-    _launch_activations(x2, ca, sca, cols, threshold)
+    ca, sca, cols = _activations(x2, threshold)
     by_hand = INTERPRETING and x.dtype == torch.bfloat16
     if by_hand:  # the interpreter's bf16 arithmetic is not the GPU's (cpu-testing.md §2.2)
         x2 = x2.float()
         bias = bias.float() if bias is not None else None
     out = torch.empty((m, n), dtype=x2.dtype, device=x.device)
+    scb = SCB.reshape(-1).to(torch.float32)
     block_m, block_n, block_k, warps, stages = tile or (SMALL_TILE if m <= SMALL_M else LARGE_TILE)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     with device_guard(x):
-        _int8_matmul_kernel[grid](
-            ca, weight_int8, sca, SCB.reshape(-1).to(torch.float32), x2, cols, bias if bias is not None else out, out,
-            m, n, k, x2.stride(0), OUTLIERS=outliers, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, GROUP=GROUP_M, STAGES=stages, BY_HAND=by_hand, **warps_option(warps, warps),
-            **launch_options(),
+        _int8_matmul_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+            ca, weight_int8, sca, scb, bias if bias is not None else out, out, m, n, k, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M, STAGES=stages, BY_HAND=by_hand,
+            **warps_option(warps, warps), **launch_options(),
         )  # fmt: skip
+        if threshold > 0:
+            block_m, block_n, block_k, warps = OUTLIER_TILE
+            _outlier_addmm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+                x2, weight_int8, scb, cols, out, m, n, k, x2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_K=block_k, GROUP=GROUP_M, BY_HAND=by_hand, **warps_option(warps, warps), **launch_options(),
+            )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

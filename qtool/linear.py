@@ -79,12 +79,11 @@ def int8_activations_ref(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     """LLM.int8's activation quantization, as bnb's ``int8_vectorwise_quant`` does it, for a [M, K] x.
 
     x is cast to float16 first (bnb's ``MatMul8bitLt`` does; for bf16 x that is exact in float16's normal range).
-    With ``threshold > 0`` an element with ``|x| >= threshold`` is an outlier: it is left out of its row's absmax
-    and its code is 0; every column holding one is an outlier column, which the matmul takes in 16-bit instead
-    (bnb also zeroes those columns of ``CA``; the matmul does that here, so one pass over x gives all three).
+    With ``threshold > 0`` an element with ``|x| >= threshold`` is an outlier: it is left out of its row's absmax;
+    every column holding one is an outlier column, whose codes are 0 (the matmul takes it in 16-bit instead).
     Returns ``CA`` (int8 [M, K]: ``round(x * ((1 / SCA) * 127))`` in float32, half to even; 0 for outliers and in a row
-    whose SCA is 0), ``SCA`` (float32 [M]: each row's absmax over the elements that are not outliers) and the
-    outlier columns (bool [K]).
+    whose SCA is 0; bnb's CA), ``SCA`` (float32 [M]: each row's absmax over the elements that are not outliers)
+    and the outlier columns (bool [K]).
     """
     a = x.to(torch.float16)
     cols = torch.zeros(a.shape[-1], dtype=torch.bool, device=a.device)
@@ -95,7 +94,7 @@ def int8_activations_ref(x: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     SCA = a.abs().amax(dim=1).float() if a.shape[1] else a.new_zeros(a.shape[0], dtype=torch.float32)  # noqa: N806
     # bnb's expression; PyTorch evaluates 127.0 / t as t.reciprocal() * 127 (two float32 roundings)
     CA = torch.round(a * (127.0 / SCA.unsqueeze(-1)))  # noqa: N806
-    CA = CA.masked_fill(~torch.isfinite(CA), 0).to(torch.int8)  # noqa: N806
+    CA = CA.masked_fill(~torch.isfinite(CA) | cols, 0).to(torch.int8)  # noqa: N806
     return CA, SCA, cols
 
 
@@ -126,7 +125,7 @@ def linear_8bit_ref(
     x2 = x.reshape(-1, x.shape[-1])
     CA, SCA, cols = int8_activations_ref(x2, threshold)  # noqa: N806
     # The int32 product, exactly (float64 holds every sum of K products of two int8 values for K < 2^38).
-    out32 = (CA.masked_fill(cols, 0).double() @ weight_int8.double().t()).to(torch.int32)
+    out32 = (CA.double() @ weight_int8.double().t()).to(torch.int32)
     out = out32 * (SCA.unsqueeze(-1) * SCB.reshape(1, -1).float()) * LLM_INT8_SCALE
     if bias is not None:
         out += bias
