@@ -333,9 +333,9 @@ def latest_runs(rows: list[dict]) -> list[dict]:
     rows = latest(rows)
     newest: dict[tuple, tuple] = {}
     for r in rows:
-        key = (r["op"], r["provider"], r["shape"], r["notes"])
+        key = (r["op"], r["provider"], r["shape"], r.get("notes", ""))
         newest[key] = max(newest.get(key, (0.0, "")), when(r))
-    rows = [r for r in rows if when(r) == newest[(r["op"], r["provider"], r["shape"], r["notes"])]]
+    rows = [r for r in rows if when(r) == newest[(r["op"], r["provider"], r["shape"], r.get("notes", ""))]]
     variant: dict[tuple, tuple] = {}
     for r in rows:
         if r["op"] != "run":
