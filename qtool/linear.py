@@ -112,10 +112,9 @@ def linear_8bit_ref(
 
     ``threshold >= 0``: bnb ``Linear8bitLt``'s inference path (``MatMul8bitLt`` with ``int8_mixed_scaled_mm``): x
     quantized by ``int8_activations_ref``; the int32 product ``CA @ weight_int8^T`` scaled by
-    ``SCA * SCB * LLM_INT8_SCALE`` in float32 (the outlier columns left out), plus bias, rounded to x's dtype;
+    ``SCA * SCB * LLM_INT8_SCALE`` in float32 (CA is 0 in the outlier columns), plus bias, rounded to x's dtype;
     then, if any, the outlier columns of x times W's columns ``(weight_int8 * SCB * INV_127)`` in x's dtype, added by
-    ``addmm``. ``threshold=0`` is the
-    pure int8 product. On the CPU this gives bnb's output bit for bit.
+    ``addmm``. ``threshold=0`` is the pure int8 product. On the CPU this gives bnb's output bit for bit.
     """
     if threshold is None:
         from qtool.quantize import _ops, resolve_backend
