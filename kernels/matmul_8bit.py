@@ -6,15 +6,17 @@ Twins (and oracles): ``int8_activations`` is ``qtool.linear.int8_activations_ref
 Up to four launches, no host sync (so CUDA graphs and ``torch.compile`` keep the layer whole):
 
 1. With a threshold, ``_outlier_cols_kernel`` flags every column of x holding an element of magnitude >= threshold
-   (programs only ever store 1 into the zeroed flags, so their races are harmless; one more flag says "any").
+   (programs only ever store 1 into the zeroed flags, so their races are harmless).
 2. ``_int8_activations_kernel``: each row's absmax over the elements below the threshold, and the int8 codes, 0 in
    the outlier columns (bnb's CA).
 3. ``_int8_matmul_kernel``: the int32 product on the tensor cores; the epilogue scales by
    ``SCA * SCB * LLM_INT8_SCALE`` in float32, adds the bias and rounds to x's dtype (bnb's ``int8_mm_dequant``).
-4. With a threshold, ``_outlier_addmm_kernel`` adds x's outlier columns times W's dequantized columns (in x's
-   dtype) onto that output, one more rounding, as bnb's ``addmm`` does; it reads only the K tiles that hold a
-   flagged column, and returns at once when none does. Keeping it out of the matmul keeps the matmul's registers
-   for the int32 tile: with it inside, the common case without outliers ran 1.8x slower on the H100.
+4. With a threshold, ``_compact_cols_kernel`` lists the flagged columns (one program, a running prefix sum), and
+   ``_outlier_addmm_kernel`` adds x's outlier columns times W's dequantized columns (in x's dtype) onto that output,
+   one more rounding, as bnb's ``addmm`` does. It gathers only the listed columns (bnb gathers them too, then calls
+   cuBLAS) and returns at once when there is none. Keeping it out of the matmul keeps the matmul's registers for
+   the int32 tile: with it inside, the common case without outliers ran 1.8x slower on the H100; walking the
+   flagged 32-column tiles instead of a list made FLUX's step (outliers in most tiles) slower than bnb's.
 
 Under the interpreter bf16 x comes in as a float32 copy and every bf16 rounding is done on the bits (cpu-testing.md
 §2.2), so the CPU tests see the GPU's arithmetic.
@@ -48,14 +50,15 @@ LARGE_TILE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 128, 256, 8, 3)
 SMALL_TILE = (16, 32, 64, 4, 1) if INTERPRETING else (16, 64, 256, 4, 4)
 SMALL_M = 16
 GROUP_M = 8
-# The outlier part: (BLOCK_M, BLOCK_N, BLOCK_K, warps); a narrow K tile reads few columns that hold no outlier.
-OUTLIER_TILE = (32, 32, 32, 4) if INTERPRETING else (128, 128, 32, 8)
+# The outlier part: (BLOCK_M, BLOCK_N, BLOCK_K, warps) over the compacted outlier columns, and the compaction's chunk.
+OUTLIER_TILE = (32, 32, 16, 4) if INTERPRETING else (128, 128, 32, 8)
+COMPACT_BLOCK = 64 if INTERPRETING else 4096  # small in the interpreter: the tests cross chunks
 
 
 @triton.jit
 def _outlier_cols_kernel(
     x_ptr,  # *fp16|bf16|fp32 [M, K]
-    cols_ptr,  # *i32 [K + 1], zeroed by the caller: 1 for each outlier column, and at K if there is any
+    cols_ptr,  # *i32 [K], zeroed by the caller: 1 for each outlier column
     M,
     K,
     stride_xm,
@@ -69,8 +72,6 @@ def _outlier_cols_kernel(
     hit = tl.max((tl.abs(a) >= threshold).to(tl.int32), axis=0)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(cols_ptr + offs_k, hit, mask=(offs_k < K) & (hit > 0))
-    if tl.max(hit, axis=0) > 0:
-        tl.store(cols_ptr + K, 1)
 
 
 @triton.jit
@@ -78,7 +79,7 @@ def _int8_activations_kernel(
     x_ptr,  # *fp16|bf16|fp32 [M, K], row stride stride_xm
     ca_ptr,  # *i8 [M, K]
     sca_ptr,  # *fp32 [M]
-    cols_ptr,  # *i32 [K + 1] outlier-column flags (THRESHOLD only)
+    cols_ptr,  # *i32 [K] outlier-column flags (THRESHOLD only)
     M,
     K,
     stride_xm,
@@ -176,11 +177,29 @@ def _int8_matmul_kernel(
 
 
 @triton.jit
+def _compact_cols_kernel(
+    cols_ptr,  # *i32 [K] outlier-column flags
+    idx_ptr,  # *i32 [K + 1]: the flagged columns in order, then (at K) how many there are
+    K,
+    BLOCK: tl.constexpr,
+):
+    # One program: a running prefix sum of the flags gives each flagged column its slot.
+    count = 0
+    for k0 in range(0, K, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        f = tl.load(cols_ptr + offs, mask=offs < K, other=0)
+        slot = count + tl.cumsum(f, axis=0) - 1
+        tl.store(idx_ptr + slot, offs.to(tl.int32), mask=f > 0)
+        count += tl.sum(f, axis=0)
+    tl.store(idx_ptr + K, count)
+
+
+@triton.jit
 def _outlier_addmm_kernel(
     x_ptr,  # *bf16|fp16 [M, K] (float32 with BY_HAND), row stride stride_xm
     cb_ptr,  # *i8 [N, K]
     scb_ptr,  # *fp32 [N]
-    cols_ptr,  # *i32 [K + 1] outlier-column flags, "any" at K
+    idx_ptr,  # *i32 [K + 1]: the outlier columns, their count at K
     out_ptr,  # *bf16|fp16 [M, N], read and written (float32 with BY_HAND)
     M,
     N,
@@ -192,24 +211,24 @@ def _outlier_addmm_kernel(
     GROUP: tl.constexpr,
     BY_HAND: tl.constexpr,
 ):
-    if tl.load(cols_ptr + K) > 0:
+    count = tl.load(idx_ptr + K)
+    if count > 0:
         offs_m, offs_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        mask_m = offs_m < M
+        mask_n = offs_n < N
         out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-        y = tl.load(out, mask=mask, other=0.0).to(tl.float32)
-        scb = tl.load(scb_ptr + offs_n, mask=offs_n < N, other=0.0)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            flag = tl.load(cols_ptr + ks, mask=ks < K, other=0)
-            if tl.max(flag, axis=0) > 0:
-                keep = (flag > 0)[None, :]
-                b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=(offs_n < N)[:, None] & keep, other=0)
-                xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=(offs_m < M)[:, None] & keep,
-                             other=0.0)  # fmt: skip
-                # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
-                w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
-                y = tl.dot(xo, tl.trans(w), y)
-        tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask)
+        y = tl.load(out, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        scb = tl.load(scb_ptr + offs_n, mask=mask_n, other=0.0)
+        for c0 in range(0, count, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)
+            valid = (c < count)[None, :]
+            ks = tl.load(idx_ptr + c, mask=c < count, other=0).to(tl.int64)
+            b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & valid, other=0)
+            xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=mask_m[:, None] & valid, other=0.0)
+            # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
+            w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
+            y = tl.dot(xo, tl.trans(w), y)
+        tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -230,14 +249,14 @@ def int8_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
     if x.stride(1) != 1:
         x = x.contiguous()
     ca, sca, cols = _activations(x, threshold)
-    return ca, sca, cols[:-1].bool()
+    return ca, sca, cols.bool()
 
 
 def _activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     ca = torch.empty((m, k), dtype=torch.int8, device=x.device)
     sca = torch.empty(m, dtype=torch.float32, device=x.device)
-    cols = torch.zeros(k + 1, dtype=torch.int32, device=x.device)
+    cols = torch.zeros(k, dtype=torch.int32, device=x.device)
     with device_guard(x):
         if threshold > 0:
             block_m, block_k = FLAG_TILE
@@ -291,9 +310,11 @@ def linear_8bit(
             **warps_option(warps, warps), **launch_options(),
         )  # fmt: skip
         if threshold > 0:
+            idx = torch.empty(k + 1, dtype=torch.int32, device=x.device)
+            _compact_cols_kernel[(1,)](cols, idx, k, BLOCK=min(COMPACT_BLOCK, triton.next_power_of_2(k)))
             block_m, block_n, block_k, warps = OUTLIER_TILE
             _outlier_addmm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
-                x2, weight_int8, scb, cols, out, m, n, k, x2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+                x2, weight_int8, scb, idx, out, m, n, k, x2.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_K=block_k, GROUP=GROUP_M, BY_HAND=by_hand, **warps_option(warps, warps), **launch_options(),
             )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)

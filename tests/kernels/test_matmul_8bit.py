@@ -95,3 +95,16 @@ def test_the_op_dispatches_compiles_and_refuses(device):
         linear_8bit(x[:, :32], w, scb, b)
     with pytest.raises(ValueError, match="bf16 or fp16"):
         matmul_8bit.linear_8bit(x.float(), w, scb, b, threshold=6.0)
+
+
+def test_outlier_columns_are_listed_in_order_across_chunks(device):
+    """The compaction behind the outlier part: every flagged column once, in order, and their count after them,
+    with flags in the first, middle and last chunk of the running prefix sum."""
+    k = 3 * matmul_8bit.COMPACT_BLOCK + 5
+    flagged = [0, 3, matmul_8bit.COMPACT_BLOCK - 1, matmul_8bit.COMPACT_BLOCK, 2 * matmul_8bit.COMPACT_BLOCK + 7, k - 1]
+    cols = torch.zeros(k, dtype=torch.int32, device=device)
+    cols[flagged] = 1
+    idx = torch.full((k + 1,), -1, dtype=torch.int32, device=device)
+    matmul_8bit._compact_cols_kernel[(1,)](cols, idx, k, BLOCK=matmul_8bit.COMPACT_BLOCK)
+    assert idx[: len(flagged)].tolist() == flagged and idx[k].item() == len(flagged)
+    assert (idx[len(flagged) : k] == -1).all()  # nothing written past the list
