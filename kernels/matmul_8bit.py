@@ -44,8 +44,9 @@ ACT_ROWS = 16 if INTERPRETING else 1
 ACT_BLOCK_K = 4096 if INTERPRETING else 2048
 ACT_WARPS = 4
 # Matmul tiles: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for a large M and for a few rows (decode).
-# H100 sweep (bench_matmul.py --sweep, 4608 x 3072 -> 12288): 128x128x256, 8 warps, 3 stages 709 us; 128x128x128, 8
-# warps, 4 stages 829 us; 128x256 tiles or 4 warps 2-4 ms (register spills). 16 rows x 4096 -> 14336: 16x64x256 35 us.
+# H100 sweep (bench_matmul.py --sweep, 4608 x 3072 -> 12288, with the outlier pass then inside the matmul):
+# 128x128x256, 8 warps, 3 stages 709 us; 128x128x128, 8 warps, 4 stages 829 us; 128x256 tiles or 4 warps 2-4 ms
+# (register spills). Without it the first takes 438-464 us (bf16: 511). 16 rows x 4096 -> 14336: 16x64x256 35 us.
 LARGE_TILE = (32, 32, 64, 4, 1) if INTERPRETING else (128, 128, 256, 8, 3)
 SMALL_TILE = (16, 32, 64, 4, 1) if INTERPRETING else (16, 64, 256, 4, 4)
 SMALL_M = 16
@@ -291,6 +292,7 @@ def linear_8bit(
     if x.shape[-1] != k:
         raise ValueError(f"x {tuple(x.shape)} and an int8 weight {tuple(weight_int8.shape)} do not match")
     check_device(x, weight_int8, SCB)
+    weight_int8 = weight_int8.contiguous()  # the kernels index it as row-major [N, K]
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
