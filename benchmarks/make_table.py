@@ -24,7 +24,7 @@ BEGIN, END = "<!-- perf-table -->", "<!-- /perf-table -->"
 KEY = ("op", "provider", "shape", "metric", "notes")
 REQUIRED = {"op", "provider", "shape", "metric", "unit", "median", "notes", "date"}
 ENVIRONMENT = ("gpu", "driver", "torch", "triton", "bnb", "diffusers", "transformers")
-E2E, KERNELS, QUALITY, FLUX = "e2e.csv", "codecs.csv", "quality.csv", "flux.csv"
+E2E, KERNELS, QUALITY, FLUX, MATMUL = "e2e.csv", "codecs.csv", "quality.csv", "flux.csv", "matmul.csv"
 # Issue 8's target for scale search: a mean SQNR gain of at least this over the layers of a component, NF4.
 NF4_GAIN_TARGET_DB = 0.5
 QUALITY_LEGEND = (
@@ -307,7 +307,10 @@ def render_pivot(rows: list[dict]) -> str:
     return "\n\n".join(parts)
 
 
-FLUX_ORDER = ("bf16", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "qtool-nf4", "qtool-nf4-dq", "qtool-int8")
+FLUX_ORDER = (
+    "bf16", "bnb-nf4", "bnb-nf4-dq", "bnb-int8", "qtool-nf4", "qtool-nf4-dq", "qtool-int8", "qtool-int8-t0",
+    "qtool-int8-wo",
+)  # fmt: skip
 # Issue 9's targets: a qtool variant's transformer step over bf16's (the same run, the same compile setting); for NF4
 # its peak memory over bnb NF4's, at most 1.
 FLUX_TARGETS = {"qtool-nf4": 1.03, "qtool-nf4-dq": 1.03, "qtool-int8": 1.0}
@@ -404,6 +407,24 @@ def flux_target(provider: str, rows: list[dict]) -> str:
     return "; ".join(marks)
 
 
+def render_matmul(rows: list[dict], source: str) -> str:
+    """bench_matmul.py's rows: the latest figure of each (op, provider, shape, metric), whatever its notes say (qtool's
+    rows note their error ratio, which changes from run to run), pivoted as the other tables are."""
+    chosen: dict[tuple, tuple] = {}
+    for index, row in enumerate(rows):
+        key = tuple(row.get(k, "") for k in KEY if k != "notes")
+        rank = (when(row), index)
+        if key not in chosen or rank >= chosen[key][0]:
+            chosen[key] = (rank, row)
+    picked = [{**row, "notes": ""} for _, row in sorted(chosen.values(), key=lambda item: item[0][1])]
+    return (
+        f"#### Quantized Linear forward (`benchmarks/bench_matmul.py`, `{source}`)\n\n{environment(picked)}\n\n"
+        f"{render_pivot(picked)}\n\nEach row is the latest run's. Before timing, every qtool output is checked against"
+        " the exact value of the same math (float64): within 2x bf16 F.linear's error for 4-bit, within 2x the"
+        " reference's for LLM.int8 (the ratio is in each row's notes in the CSV)."
+    )
+
+
 def render(results: Path = RESULTS) -> str:
     """The whole generated block (markers excluded)."""
     tables, old = load(results)
@@ -418,8 +439,10 @@ def render(results: Path = RESULTS) -> str:
         parts.append(f"{title}\n\nNot measured yet: run `python benchmarks/bench_codecs.py` on a GPU machine.")
     parts.append(render_quality(latest(tables.get(QUALITY, [])), source=f"{rel}/{QUALITY}"))
     parts.append(render_flux(tables.get(FLUX, []), source=f"{rel}/{FLUX}"))
+    if tables.get(MATMUL):
+        parts.append(render_matmul(tables[MATMUL], source=f"{rel}/{MATMUL}"))
     for name, rows in tables.items():
-        if name not in (E2E, KERNELS, QUALITY, FLUX) and rows:
+        if name not in (E2E, KERNELS, QUALITY, FLUX, MATMUL) and rows:
             rows = latest(rows)
             parts.append(f"#### `{rel}/{name}`\n\n{environment(rows)}\n\n{render_pivot(rows)}")
     if old:
