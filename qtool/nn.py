@@ -153,7 +153,7 @@ class QuantLinear4bit(_QuantLinear):
 
         weight, bias = _linear_weight(linear, cls.__name__)
         entries = quantize_tensor(weight, bits=4, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize)
-        return cls.from_entries(entries, bias, compute_dtype)
+        return cls.from_entries(_own_memory(entries), bias, compute_dtype)
 
     @property
     def double_quant(self) -> bool:
@@ -248,7 +248,7 @@ class QuantLinear8bit(_QuantLinear):
         from qtool.quantize import quantize_tensor
 
         weight, bias = _linear_weight(linear, cls.__name__)
-        return cls.from_entries(quantize_tensor(weight, bits=8), bias, threshold)
+        return cls.from_entries(_own_memory(quantize_tensor(weight, bits=8)), bias, threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -317,6 +317,15 @@ def quantize_linears_(
             parent, _, child = fqn.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
+
+
+def _own_memory(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the entries that share memory with anything else (the cached code books, views into a larger
+    buffer), so a model of these layers saves through safetensors, which refuses shared or partial storage."""
+    return {
+        k: v.clone() if k.endswith("quant_map") or v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
+        for k, v in entries.items()
+    }
 
 
 __all__ = ["QuantLinear4bit", "QuantLinear8bit", "quantize_linears_"]

@@ -189,3 +189,23 @@ def test_quantize_linears_refuses_bad_arguments():
         quantize_linears_(Tree(), QuantLinear4bit.from_linear, library="bnb")
     with pytest.raises(ValueError, match=r"for one Linear call make\(linear\)"):
         quantize_linears_(linear(), QuantLinear4bit.from_linear)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda layer: QuantLinear4bit.from_linear(layer, double_quant=True), QuantLinear8bit.from_linear],
+    ids=["nf4-dq", "int8"],
+)
+def test_quantized_model_saves_with_safetensors(make, tmp_path):
+    """Layers made by from_linear share no memory (the code books come from one cache, some entries are views into
+    a larger buffer), so a quantized model saves through safetensors, which refuses shared or partial storage, and
+    the file holds the state dict."""
+    from safetensors.torch import load_file, save_model
+
+    torch.manual_seed(0)
+    model = quantize_linears_(nn.Sequential(linear(64, 128), nn.GELU(), linear(128, 64)), make)
+    save_model(model, str(tmp_path / "m.safetensors"))
+    stored, state = load_file(str(tmp_path / "m.safetensors")), model.state_dict()
+    assert set(stored) == set(state)
+    for key, tensor in stored.items():
+        assert_equal(tensor, state[key], key)
