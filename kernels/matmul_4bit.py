@@ -7,7 +7,7 @@ even and odd columns, so the codes are never interleaved. With double quant the 
 
 A tensor-core variant (W's dequantized tile as the MMA's register operand, any M) was measured on the H100 and
 removed: 320-400 us at 1 and 16 rows of 4096 -> 14336 and 7.9-8.1 ms at 4608 rows of the FLUX shapes, where
-dequantize + cuBLAS takes 108 us and 0.55 ms (benchmarks/results/tuning/matmul_sweep.csv).
+dequantize + cuBLAS takes 108 us and 0.55 ms (benchmarks/results/tuning/matmul_sweep_f5d890a.csv).
 """
 
 from __future__ import annotations
