@@ -3,7 +3,7 @@
 Twins (and oracles): ``int8_activations`` is ``qtool.linear.int8_activations_ref`` bit for bit; ``linear_8bit`` is
 ``qtool.linear.linear_8bit_ref`` with a threshold (bnb ``Linear8bitLt``'s inference math).
 
-Up to four launches, no host sync (so CUDA graphs and ``torch.compile`` keep the layer whole):
+Up to five launches, no host sync (so CUDA graphs and ``torch.compile`` keep the layer whole):
 
 1. With a threshold, ``_outlier_cols_kernel`` flags every column of x holding an element of magnitude >= threshold
    (programs only ever store 1 into the zeroed flags, so their races are harmless).
