@@ -79,6 +79,15 @@ def bf16_rne_bits(x):
 
 
 @triton.jit
+def round_16bit(v, dtype, BY_HAND: tl.constexpr):
+    """Float32 v rounded to the 16-bit dtype (to nearest even). With BY_HAND (the interpreter, whose casts to bf16
+    truncate) the result is a float32 holding the bf16-rounded value, rounded on the bits (bf16_rne_bits)."""
+    if BY_HAND:
+        return (bf16_rne_bits(v) << 16).to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
 def store_rounded(ptr, x, mask, BF16_BITS: tl.constexpr):
     """Store float32 x into ptr's dtype with round-to-nearest-even.
 

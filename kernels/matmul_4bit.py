@@ -20,11 +20,11 @@ from qtool.reference.codebooks import NESTED_BLOCKSIZE
 
 from ._common import (
     INTERPRETING,
-    bf16_rne_bits,
     check_device,
     device_guard,
     device_scalar,
     launch_options,
+    round_16bit,
     warps_option,
 )
 from .double_quant import rebuild_absmax
@@ -44,15 +44,6 @@ def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> bool:
     multiple of the K tile; otherwise dequantize + cuBLAS is faster on the H100 (or the only path)."""
     m = x.numel() // max(k, 1)
     return x.dtype in (torch.bfloat16, torch.float16) and m == 1 and n > 0 and _fits(m, k, blocksize, BLOCK_K)
-
-
-@triton.jit
-def _round_w(w, dtype, BF16_BY_HAND: tl.constexpr):
-    # W in x's dtype, as the reference's dequantize rounds it (to nearest even). The interpreter's float32 -> bf16
-    # cast truncates, so there W stays float32 holding the bf16-rounded value.
-    if BF16_BY_HAND:
-        return (bf16_rne_bits(w) << 16).to(tl.float32, bitcast=True)
-    return w.to(dtype)
 
 
 @triton.jit
@@ -107,8 +98,8 @@ def _w4a16_gemv_kernel(
             c = tl.load(qmap_ptr + (p >> 4)) * x_even[None, :, :] + tl.load(qmap_ptr + (p & 15)) * x_odd[None, :, :]
             acc += tl.sum(tl.sum(c, axis=2) * a, axis=1)
         else:
-            w_hi = _round_w(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
-            w_lo = _round_w(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
+            w_hi = round_16bit(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
+            w_lo = round_16bit(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
             acc += tl.sum(tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2), axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)

@@ -31,7 +31,7 @@ import triton.language as tl
 from qtool.linear import LLM_INT8_SCALE
 from qtool.reference.quant8 import INV_127
 
-from ._common import INTERPRETING, bf16_rne_bits, check_device, device_guard, launch_options, warps_option
+from ._common import INTERPRETING, check_device, device_guard, launch_options, round_16bit, warps_option
 from .quant_8bit import round_to_int8
 
 _SCALE = tl.constexpr(LLM_INT8_SCALE)
@@ -174,7 +174,7 @@ def _int8_matmul_kernel(
     if HAS_BIAS:
         y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(out, round_16bit(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -227,18 +227,9 @@ def _outlier_addmm_kernel(
             b = tl.load(cb_ptr + offs_n[:, None] * K + ks[None, :], mask=mask_n[:, None] & valid, other=0)
             xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :], mask=mask_m[:, None] & valid, other=0.0)
             # W's outlier columns as bnb's int8_vectorwise_dequant gives them, rounded to x's dtype
-            w = _round(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
+            w = round_16bit(b.to(tl.float32) * scb[:, None] * _INV_127, xo.dtype, BY_HAND)
             y = tl.dot(xo, tl.trans(w), y)
-        tl.store(out, _round(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _round(v, dtype, BY_HAND: tl.constexpr):
-    # v rounded to the 16-bit dtype (to nearest even); with BY_HAND (the interpreter, whose casts to bf16 truncate)
-    # a float32 holding the bf16-rounded value.
-    if BY_HAND:
-        return (bf16_rne_bits(v) << 16).to(tl.float32, bitcast=True)
-    return v.to(dtype)
+        tl.store(out, round_16bit(y, out_ptr.dtype.element_ty, BY_HAND), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def int8_activations(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
