@@ -75,6 +75,12 @@ LLM_INT8_SCALE = 6.200124e-05
 DEFAULT_THRESHOLD = 6.0
 
 
+def check_threshold(threshold: float | None) -> None:
+    """An 8-bit layer's threshold is None (weight-only) or a number >= 0 (LLM.int8); ValueError otherwise."""
+    if threshold is not None and not threshold >= 0:
+        raise ValueError(f"threshold must be None (weight-only) or >= 0, got {threshold}")
+
+
 def int8_activations_ref(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LLM.int8's activation quantization, as bnb's ``int8_vectorwise_quant`` does it, for a [M, K] x.
 
@@ -226,8 +232,7 @@ def linear_8bit(
     """``linear_8bit_ref``'s result through the custom op ``torch.ops.qtool.linear_8bit``."""
     if x.shape[-1] != weight_int8.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and an int8 weight {tuple(weight_int8.shape)} do not match")
-    if threshold is not None and not threshold >= 0:
-        raise ValueError(f"threshold must be None (weight-only) or >= 0, got {threshold}")
+    check_threshold(threshold)
     return _linear_8bit_op(x, weight_int8, SCB, _none(bias, x), -1.0 if threshold is None else float(threshold))
 
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from qtool.formats import bnb4, bnb8
-from qtool.linear import DEFAULT_THRESHOLD, linear_4bit, linear_8bit
+from qtool.linear import DEFAULT_THRESHOLD, check_threshold, linear_4bit, linear_8bit
 
 _NATIVE = (torch.float32, torch.bfloat16)
 
@@ -217,8 +217,7 @@ class QuantLinear8bit(_QuantLinear):
         super().__init__()
         if weight_int8.dtype != torch.int8 or weight_int8.dim() != 2 or SCB.numel() != weight_int8.shape[0]:
             raise ValueError(f"8-bit weight must be int8 [N, K] with SCB [N], got {tuple(weight_int8.shape)}")
-        if threshold is not None and not threshold >= 0:
-            raise ValueError(f"threshold must be None (weight-only) or >= 0, got {threshold}")
+        check_threshold(threshold)
         self.out_features, self.in_features = weight_int8.shape
         self.threshold = threshold
         self.register_buffer("weight", weight_int8)
