@@ -54,41 +54,50 @@ def bench(fn) -> tuple[float, float]:
     return gpu, host
 
 
-def sweep(out: Path | None) -> None:
-    """Time the kernels' tile configurations (the defaults' source): kernels.matmul_4bit at one row and
-    kernels.matmul_8bit (threshold 6) at 16 and 4608 rows. The fastest per case are printed; all go to ``out``."""
+def sweep(out: Path | None, kinds: set[str]) -> None:
+    """Time the kernels' tile configurations (the defaults' source): kernels.matmul_4bit's gemv at one row and its
+    mma at 1, 4 and 16 rows (beside dequantize + cuBLAS), kernels.matmul_8bit (threshold 6) at 16 and 4608 rows.
+    ``kinds``: which of gemv, mma, int8. The fastest per case are printed; all go to ``out``."""
     import csv
     import itertools
 
     from qtool.formats import bnb4
     from qtool.kernels import matmul_4bit, matmul_8bit
+    from qtool.linear import linear_4bit_ref
     from qtool.quantize import quantize_tensor
 
     product = itertools.product
-    gemv = [("gemv", dict(tile=t)) for t in product((4, 8), (256, 512), (1, 2))]
+    gemv = [("gemv", dict(kernel="gemv", tile=t)) for t in product((4, 8), (256, 512, 1024), (1, 2), (False, True))]
+    mma = [("mma", dict(kernel="mma", tile=t)) for t in product((16, 32, 64), (128, 256, 512), (4,), (1, 2, 3))]
+    mma += [("mma", dict(kernel="mma", tile=t)) for t in [(32, 256, 2, 3), (64, 256, 8, 3), (128, 256, 4, 3)]]
+    dequant = [("dequant+cublas", {})]
     int8_small = [("int8", dict(tile=t)) for t in product((16,), (64, 128), (128, 256), (4,), (4,))]
     int8_large = [("int8", dict(tile=t)) for t in [
         (128, 128, 256, 8, 3), (128, 128, 128, 8, 4), (128, 128, 256, 8, 4), (128, 128, 128, 8, 5),
         (256, 128, 128, 8, 3), (64, 128, 256, 4, 4)]]  # fmt: skip
     plan = [
-        ((1, 4096, 14336), gemv),
-        ((16, 4096, 14336), int8_small),
+        ((1, 4096, 14336), gemv + mma),
+        ((4, 4096, 14336), mma + dequant),
+        ((16, 4096, 14336), mma + dequant + int8_small),
         ((4608, 3072, 12288), int8_large),
         ((4608, 12288, 3072), int8_large[:4]),
     ]
     records = []
     for (m, k, n), configs in plan:
+        configs = [c for c in configs if c[0] in kinds or (c[0] == "dequant+cublas" and "mma" in kinds)]
+        if not configs:
+            continue
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         packed, state = bnb4.decode(quantize_tensor(w))
-        w8, scb8 = bnb8_weight(w)
+        w8, scb8 = bnb8_weight(w) if "int8" in kinds else (None, None)
         results = []
         for kind, opts in configs:
             if kind == "int8":
                 fn = partial(matmul_8bit.linear_8bit, x, w8, scb8, threshold=6.0, **opts)
             else:
-                fn = partial(matmul_4bit.linear_4bit, x, packed, state.absmax, state.quant_map, blocksize=64,
-                             shape=(n, k), **opts)  # fmt: skip
+                four = matmul_4bit.linear_4bit if kind != "dequant+cublas" else linear_4bit_ref
+                fn = partial(four, x, packed, state.absmax, state.quant_map, blocksize=64, shape=(n, k), **opts)
             try:
                 t = bench(fn)[0]
             except Exception as e:  # noqa: BLE001 (a configuration that does not compile, fit or apply)
@@ -98,7 +107,7 @@ def sweep(out: Path | None) -> None:
             records.append({"shape": f"M={m} {k}->{n}", "kind": kind, "opts": repr(opts), "us": round(t, 2)})
         for t, kind, opts in sorted(results, key=lambda r: r[0])[:8]:
             print(f"M={m} {k}->{n}: {t:9.2f} us  {kind} {opts}", flush=True)
-        for kind in ("gemv", "int8"):
+        for kind in ("gemv", "mma", "dequant+cublas", "int8"):
             best = min((r for r in results if r[1] == kind), key=lambda r: r[0], default=None)
             if best:
                 print(f"M={m} {k}->{n}: best {kind}: {best[0]:.2f} us {best[2]}", flush=True)
@@ -129,9 +138,10 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time the kernels' tile configurations and stop")
     parser.add_argument("--sweep-out", type=Path, default=None, help="CSV for every configuration --sweep times")
+    parser.add_argument("--sweep-kinds", default="gemv,mma,int8", help="the kernels --sweep times")
     args = parser.parse_args()
     if args.sweep:
-        return sweep(args.sweep_out)
+        return sweep(args.sweep_out, set(args.sweep_kinds.split(",")))
     cases = [c for name in args.cases.split(",") if name != "none" for c in CASES[name]]
     if args.dry_run:
         for m, k, n in cases:

@@ -1,13 +1,19 @@
-"""W4A16 for decode: ``y = x W^T + b`` with W in bitsandbytes' 4-bit format, read once from memory, on CUDA cores.
+"""W4A16: ``y = x W^T + b`` with W in bitsandbytes' 4-bit format, read once from memory, for a few rows of x.
 
-The twin (and the oracle) is ``qtool.linear.linear_4bit_ref``: dequantize W to x's dtype, then ``F.linear``. Each
-program streams BLOCK_N rows of packed codes for one row of x; the even and odd elements of a packed byte meet x's
-even and odd columns, so the codes are never interleaved. With double quant the absmax is rebuilt from its code as
-``dequantize_absmax`` does.
+The twin (and the oracle) is ``qtool.linear.linear_4bit_ref``: dequantize W to x's dtype, then ``F.linear``. Two
+kernels; ``choose`` picks one by the number of rows (M), and every other call is Triton dequantize + cuBLAS:
 
-A tensor-core variant (W's dequantized tile as the MMA's register operand, any M) was measured on the H100 and
-removed: 320-400 us at 1 and 16 rows of 4096 -> 14336 and 7.9-8.1 ms at 4608 rows of the FLUX shapes, where
-dequantize + cuBLAS takes 108 us and 0.55 ms (benchmarks/results/tuning/matmul_sweep_f5d890a.csv).
+- ``gemv`` (M = 1): CUDA cores. Each program streams BLOCK_N rows of packed codes; the even and odd elements of a
+  packed byte meet x's even and odd columns, so the codes are never interleaved. The absmax multiplies each block's
+  float32 sum of ``quant_map[code] * x`` (one multiply a block, W never rounded to 16-bit: nearer the exact product
+  than the reference). With PREFETCH the next K tile's codes and absmax are loaded before this tile's products, so
+  two tiles are in flight per program.
+- ``mma`` (M <= MMA_M): tensor cores. x padded to MMA_M rows is the MMA's A operand; W's tile, dequantized and
+  rounded to x's dtype as the reference rounds it, is the B operand (``tl.dot(x_even, W_hi^T)`` plus the odd half).
+
+With double quant the absmax is rebuilt from its code as ``dequantize_absmax`` does. An earlier tensor-core design
+with W as the A operand (out^T = W x^T) was measured on the H100 and removed: 320-400 us at 1 and 16 rows of
+4096 -> 14336 and 7.9-8.1 ms at 4608 rows (benchmarks/results/tuning/matmul_sweep_f5d890a.csv).
 """
 
 from __future__ import annotations
@@ -29,21 +35,40 @@ from ._common import (
 )
 from .double_quant import rebuild_absmax
 
-# The CUDA-core kernel: up to MAX_M rows of x (one per program-grid row), K in whole BLOCK_K tiles. H100 sweep
-# (bench_matmul.py --sweep, 1 x 4096 -> 14336): BLOCK_N 4, BLOCK_K 256, 1 warp 35.6 us (bnb 29, bf16 42); 8/256/2
-# warps 36.2 us; a software-pipelined K loop (num_stages 2-3) 270-620 us. Each extra row of x costs about as much
-# again (4 rows: 111 us), so dispatch takes one row only; more go to dequantize + cuBLAS.
-MAX_M = 4
-BLOCK_N = 16 if INTERPRETING else 4
-BLOCK_K = 256
-WARPS = 1
+# gemv: (BLOCK_N, BLOCK_K, warps, prefetch). H100 sweep (bench_matmul.py --sweep, 1 x 4096 -> 14336), without
+# prefetch: BLOCK_N 4, BLOCK_K 256, 1 warp 35.6 us (bnb 29, bf16 42); 8/256/2 warps 36.2 us; a software-pipelined K
+# loop (num_stages 2-3) 270-620 us.
+GEMV_TILE = (16, 256, 1, True) if INTERPRETING else (4, 256, 1, True)
+# mma: (BLOCK_N, BLOCK_K, warps, stages); x is padded to MMA_M rows (tl.dot's least M).
+MMA_TILE = (16, 128, 4, 1) if INTERPRETING else (32, 256, 4, 3)
+MMA_M = 16
+KERNELS = ("gemv", "mma")
 
 
-def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> bool:
-    """Whether ``qtool.linear`` calls this kernel for x [..., K] against an [N, K] weight: one row of 16-bit x, K a
-    multiple of the K tile; otherwise dequantize + cuBLAS is faster on the H100 (or the only path)."""
+def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> str | None:
+    """The kernel ``qtool.linear`` calls for x [..., K] against an [N, K] weight: "gemv" for one row of 16-bit x,
+    "mma" for up to MMA_M rows, K in whole K tiles of either; None where dequantize + cuBLAS is faster on the H100
+    (or the only path)."""
     m = x.numel() // max(k, 1)
-    return x.dtype in (torch.bfloat16, torch.float16) and m == 1 and n > 0 and _fits(m, k, blocksize, BLOCK_K)
+    if x.dtype not in (torch.bfloat16, torch.float16) or n <= 0:
+        return None
+    for kernel in KERNELS:
+        if _fits(kernel, m, k, blocksize, _tile(kernel, None, blocksize)):
+            return kernel
+    return None
+
+
+@triton.jit
+def _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, offs_j, mask,
+                 QBLOCK: tl.constexpr, NESTED: tl.constexpr, NBLOCK: tl.constexpr):  # fmt: skip
+    """The packed codes [R, B, QBLOCK / 2] (int32) and float32 absmax [R, B] of the quantization blocks ``blk``."""
+    if NESTED:
+        a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask, NBLOCK)
+    else:
+        a = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    byte = blk[:, :, None] * (QBLOCK // 2) + offs_j[None, None, :]
+    p = tl.load(packed_ptr + byte, mask=mask[:, :, None], other=0).to(tl.int32)
+    return p, a
 
 
 @triton.jit
@@ -67,43 +92,89 @@ def _w4a16_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
-    SCALE_AFTER: tl.constexpr,
-    BF16_BY_HAND: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
-    # Few rows of x: CUDA-core products and row sums (no tensor-core layout shuffles), one x row per program axis 1.
-    # The tile is [BLOCK_N, BLOCK_K / QBLOCK, QBLOCK / 2] bytes so each block's absmax is loaded once. SCALE_AFTER
-    # sums quant_map[code] * x over each block in float32 and multiplies the sum by the block's absmax (one multiply
-    # a block instead of two a byte, W never rounded to 16-bit: nearer the exact product than the reference);
-    # otherwise W is dequantized and rounded as the reference does.
+    # One x row per program axis 1. The tile is [BLOCK_N, BLOCK_K / QBLOCK, QBLOCK / 2] bytes so each block's absmax
+    # is loaded once.
     pid = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    mask = (offs_n < N)[:, None]
     offs_b = tl.arange(0, BLOCK_K // QBLOCK)
     offs_j = tl.arange(0, QBLOCK // 2)
-    dtype = x_ptr.dtype.element_ty
+    blk0 = (offs_n[:, None] * K) // QBLOCK + offs_b[None, :]  # [BLOCK_N, BLOCK_K / QBLOCK], K tile 0
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if PREFETCH:
+        p_next, a_next = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk0,
+                                      offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
-        blk = (offs_n[:, None] * K + k0) // QBLOCK + offs_b[None, :]  # [BLOCK_N, BLOCK_K / QBLOCK]
-        if NESTED:
-            a = rebuild_absmax(absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk, mask_n[:, None], NBLOCK)
+        if PREFETCH:
+            p, a = p_next, a_next
+            ahead = mask & (k0 + BLOCK_K + offs_b[None, :] * QBLOCK < K)  # the next K tile, where there is one
+            p_next, a_next = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                                          blk0 + (k0 + BLOCK_K) // QBLOCK, offs_j, ahead, QBLOCK, NESTED, NBLOCK)  # fmt: skip
         else:
-            a = tl.load(absmax_ptr + blk, mask=mask_n[:, None], other=0.0)
-        byte = blk[:, :, None] * (QBLOCK // 2) + offs_j[None, None, :]
-        p = tl.load(packed_ptr + byte, mask=mask_n[:, None, None], other=0).to(tl.int32)
+            p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                                blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
         cols = k0 + offs_b[:, None] * QBLOCK + 2 * offs_j[None, :]  # [BLOCK_K / QBLOCK, QBLOCK / 2]
         x_even = tl.load(x_ptr + row * stride_xm + cols).to(tl.float32)
         x_odd = tl.load(x_ptr + row * stride_xm + cols + 1).to(tl.float32)
-        if SCALE_AFTER:
-            c = tl.load(qmap_ptr + (p >> 4)) * x_even[None, :, :] + tl.load(qmap_ptr + (p & 15)) * x_odd[None, :, :]
-            acc += tl.sum(tl.sum(c, axis=2) * a, axis=1)
-        else:
-            w_hi = round_16bit(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
-            w_lo = round_16bit(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND).to(tl.float32)
-            acc += tl.sum(tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2), axis=1)
+        c = tl.load(qmap_ptr + (p >> 4)) * x_even[None, :, :] + tl.load(qmap_ptr + (p & 15)) * x_odd[None, :, :]
+        acc += tl.sum(tl.sum(c, axis=2) * a, axis=1)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _w4a16_mma_kernel(
+    x_ptr,  # *bf16|fp16 [M, K], M <= BLOCK_M
+    packed_ptr,
+    absmax_ptr,
+    qmap_ptr,
+    nested_absmax_ptr,
+    nested_map_ptr,
+    offset_ptr,
+    bias_ptr,
+    out_ptr,  # *bf16|fp16 [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    QBLOCK: tl.constexpr,
+    NESTED: tl.constexpr,
+    NBLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
+    STAGES: tl.constexpr,
+    BF16_BY_HAND: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[:, None]
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, BLOCK_K // QBLOCK)
+    offs_j = tl.arange(0, QBLOCK // 2)
+    blk0 = (offs_n[:, None] * K) // QBLOCK + offs_b[None, :]
+    x_rows = x_ptr + offs_m[:, None] * stride_xm + 2 * tl.arange(0, BLOCK_K // 2)[None, :]
+    mask_m = (offs_m < M)[:, None]
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
+                            blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
+        w_hi = round_16bit(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND)
+        w_lo = round_16bit(tl.load(qmap_ptr + (p & 15)) * a[:, :, None], dtype, BF16_BY_HAND)
+        x_even = tl.load(x_rows + k0, mask=mask_m, other=0.0)
+        x_odd = tl.load(x_rows + k0 + 1, mask=mask_m, other=0.0)
+        acc = tl.dot(x_even, tl.trans(tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 2))), acc)
+        acc = tl.dot(x_odd, tl.trans(tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 2))), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m & (offs_n < N)[None, :])
 
 
 def linear_4bit(
@@ -118,18 +189,22 @@ def linear_4bit(
     nested_absmax: torch.Tensor | None = None,
     nested_quant_map: torch.Tensor | None = None,
     nested_offset: torch.Tensor | float | None = None,
-    tile: tuple[int, int, int] | None = None,
-    scale_after: bool = True,
+    kernel: str | None = None,
+    tile: tuple | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``qtool.linear.linear_4bit_ref`` for at most ``MAX_M`` rows of 16-bit x and K a multiple of
-    the K tile: [..., K] -> [..., N] in x's dtype. ``tile`` = (BLOCK_N, BLOCK_K, warps), by default the module's;
-    ``scale_after``: see the kernel. Never waits for the GPU."""
+    """Triton twin of ``qtool.linear.linear_4bit_ref`` for a few rows of 16-bit x: [..., K] -> [..., N] in x's
+    dtype. ``kernel``: "gemv" (one row) or "mma" (up to MMA_M rows), by default ``choose``'s; ``tile``: that
+    kernel's (GEMV_TILE / MMA_TILE). Never waits for the GPU."""
     n, k = shape
     m = x.numel() // max(k, 1)
-    block_n, block_k, warps = tile or (BLOCK_N, max(BLOCK_K, blocksize), WARPS)
-    if x.dtype not in (torch.bfloat16, torch.float16) or not _fits(m, k, blocksize, block_k):
+    kernel = kernel or choose(x, n, k, blocksize) or "mma"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    tile = _tile(kernel, tile, blocksize)
+    if x.dtype not in (torch.bfloat16, torch.float16) or not _fits(kernel, m, k, blocksize, tile):
+        most = 1 if kernel == "gemv" else MMA_M
         raise ValueError(
-            f"linear_4bit's kernel takes at most {MAX_M} rows of 16-bit x and K in whole {block_k} tiles "
+            f"linear_4bit's {kernel} kernel takes at most {most} rows of 16-bit x and K in whole {tile[1]} tiles "
             f"(a multiple of the blocksize {blocksize}): {tuple(x.shape)} {x.dtype}"
         )
     check_device(x, packed, absmax, quant_map)
@@ -150,16 +225,31 @@ def linear_4bit(
         )
     else:
         nested_args = (absmax, absmax, absmax)  # unused placeholders
+    args = (
+        x2, packed.reshape(-1).view(torch.uint8), absmax if nested else absmax.to(torch.float32),
+        quant_map.to(torch.float32), *nested_args, bias if bias is not None else out, out, m, n, k, x2.stride(0),
+    )  # fmt: skip
+    common = dict(QBLOCK=blocksize, NESTED=nested, NBLOCK=NESTED_BLOCKSIZE, HAS_BIAS=bias is not None)
+    block_n, block_k, warps, option = tile
     with device_guard(x):
-        _w4a16_gemv_kernel[(triton.cdiv(n, block_n), m)](
-            x2, packed.reshape(-1).view(torch.uint8), absmax if nested else absmax.to(torch.float32),
-            quant_map.to(torch.float32), *nested_args, bias if bias is not None else out, out, m, n, k, x2.stride(0),
-            QBLOCK=blocksize, NESTED=nested, NBLOCK=NESTED_BLOCKSIZE, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, SCALE_AFTER=scale_after, BF16_BY_HAND=by_hand, **warps_option(warps, warps),
-            **launch_options(),
-        )  # fmt: skip
+        if kernel == "gemv":
+            _w4a16_gemv_kernel[(triton.cdiv(n, block_n), m)](
+                *args, **common, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=option, **warps_option(warps, warps),
+                **launch_options(),
+            )  # fmt: skip
+        else:
+            _w4a16_mma_kernel[(triton.cdiv(n, block_n),)](
+                *args, **common, BLOCK_M=MMA_M, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=option,
+                BF16_BY_HAND=by_hand, **warps_option(warps, warps), **launch_options(),
+            )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def _fits(m: int, k: int, blocksize: int, block_k: int) -> bool:
-    return 0 < m <= MAX_M and k % block_k == 0 and block_k % blocksize == 0
+def _tile(kernel: str, tile: tuple | None, blocksize: int) -> tuple:
+    block_n, block_k, warps, option = tile or (GEMV_TILE if kernel == "gemv" else MMA_TILE)
+    return block_n, max(block_k, blocksize), warps, option
+
+
+def _fits(kernel: str, m: int, k: int, blocksize: int, tile: tuple) -> bool:
+    block_k = tile[1]
+    return 0 < m <= (1 if kernel == "gemv" else MMA_M) and k % block_k == 0 and block_k % blocksize == 0

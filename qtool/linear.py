@@ -160,11 +160,12 @@ def _linear_4bit_op(
     if x.is_cuda:
         from qtool.kernels import matmul_4bit
 
-        if matmul_4bit.choose(x, n, k, blocksize):
+        kernel = matmul_4bit.choose(x, n, k, blocksize)
+        if kernel:
             return matmul_4bit.linear_4bit(
                 x, packed, absmax, quant_map, bias if bias.numel() else None, blocksize=blocksize, shape=(n, k),
                 nested_absmax=nested_absmax if nested else None, nested_quant_map=nested_quant_map if nested else None,
-                nested_offset=nested_offset if nested else None,
+                nested_offset=nested_offset if nested else None, kernel=kernel,
             )  # fmt: skip
     w = _dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
                          (n, k), x.dtype)  # fmt: skip

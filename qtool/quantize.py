@@ -7,9 +7,10 @@ twins (``qtool.reference``). Both give the same bytes. Later stages (the checkpo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Literal
 
 import torch
@@ -35,7 +36,13 @@ def resolve_backend(backend: Backend, device: torch.device) -> str:
     return backend
 
 
-def _ops(backend: str) -> dict:
+@functools.cache
+def _ops(backend: str) -> MappingProxyType:
+    # Looked up once per backend: the quantized layers call this on every forward (qtool.linear).
+    return MappingProxyType(_load_ops(backend))
+
+
+def _load_ops(backend: str) -> dict:
     if backend == "triton":
         q4, dq, q8 = _kernel("quant_4bit"), _kernel("double_quant"), _kernel("quant_8bit")
         search = _kernel("scale_search")

@@ -20,8 +20,12 @@ CASES = [
     (2, 40, 1024, True, 64, True),
     (4, 33, 768, False, 128, True),
 ]
-# The kernel with the absmax applied per block sum (the default) or per element (the reference's rounding of W).
-VARIANTS = {"scale-after": {}, "rounded": {"scale_after": False}}
+# Each kernel at its default tile, and the CUDA-core kernel without its prefetch.
+VARIANTS = {
+    "gemv": {"kernel": "gemv"},
+    "gemv-no-prefetch": {"kernel": "gemv", "tile": (*matmul_4bit.GEMV_TILE[:3], False)},
+    "mma": {"kernel": "mma"},
+}
 
 
 def layer(n, k, dq, blocksize, device):
@@ -49,11 +53,11 @@ def check_bar(y, x, entries, bias):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kernel_against_the_reference(m, n, k, dq, blocksize, has_bias, variant, device):
     entries, packed, state, nested = layer(n, k, dq, blocksize, device)
-    x = torch.randn(m, k).to(torch.bfloat16).to(device)
+    x = torch.randn(m if variant == "mma" else 1, k).to(torch.bfloat16).to(device)  # gemv takes one row
     bias = torch.randn(n).to(torch.bfloat16).to(device) if has_bias else None
     y = matmul_4bit.linear_4bit(x, packed, state.absmax, state.quant_map, bias, blocksize=blocksize, shape=(n, k),
                                 **VARIANTS[variant], **nested)  # fmt: skip
-    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    assert y.shape == (x.shape[0], n) and y.dtype == torch.bfloat16
     check_bar(y, x, entries, bias)
     ref = linear_4bit_ref(x, packed, state.absmax, state.quant_map, bias, blocksize=blocksize, shape=(n, k), **nested)
     check_bar(ref, x, entries, bias)
@@ -76,12 +80,19 @@ def test_the_op_takes_any_leading_shape_and_compiles(lead, device):
 
 def test_choose_and_argument_errors(device):
     x = torch.zeros(17, 1024, dtype=torch.bfloat16, device=device)
-    assert matmul_4bit.choose(x[:1], 8, 1024)  # one row: the kernel
-    assert not matmul_4bit.choose(x[:2], 8, 1024)  # more: dequantize + cuBLAS (faster on the H100)
-    assert not matmul_4bit.choose(x[:1].float(), 8, 1024)  # float32 x: dequantize + F.linear
-    assert not matmul_4bit.choose(x[:1, :192], 8, 192)  # K not in whole K tiles
+    assert matmul_4bit.choose(x[:1], 8, 1024) == "gemv"  # one row: CUDA cores
+    assert matmul_4bit.choose(x[:16], 8, 1024) == "mma"  # up to 16: tensor cores
+    assert matmul_4bit.choose(x[:17], 8, 1024) is None  # more: dequantize + cuBLAS (faster on the H100)
+    assert matmul_4bit.choose(x[:1].float(), 8, 1024) is None  # float32 x: dequantize + F.linear
+    assert matmul_4bit.choose(x[:1, :192], 8, 192) is None  # K not in whole K tiles
     _, packed, state, _ = layer(8, 64, False, 64, device)
     with pytest.raises(ValueError, match="do not match"):
         linear_4bit(x[:, :32], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 64))
-    with pytest.raises(ValueError, match="at most 4 rows"):
-        matmul_4bit.linear_4bit(x[:8, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256))
+    with pytest.raises(ValueError, match="gemv kernel takes at most 1 rows"):
+        matmul_4bit.linear_4bit(x[:2, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256),
+                                kernel="gemv")  # fmt: skip
+    with pytest.raises(ValueError, match="mma kernel takes at most 16 rows"):
+        matmul_4bit.linear_4bit(x[:, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        matmul_4bit.linear_4bit(x[:1, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256),
+                                kernel="wgmma")  # fmt: skip
