@@ -111,8 +111,9 @@ def _w4a16_gemv_kernel(
         if PREFETCH:
             p, a = p_next, a_next
             ahead = mask & (k0 + BLOCK_K + offs_b[None, :] * QBLOCK < K)  # the next K tile, where there is one
-            p_next, a_next = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
-                                          blk0 + (k0 + BLOCK_K) // QBLOCK, offs_j, ahead, QBLOCK, NESTED, NBLOCK)  # fmt: skip
+            blk = blk0 + (k0 + BLOCK_K) // QBLOCK
+            p_next, a_next = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk,
+                                          offs_j, ahead, QBLOCK, NESTED, NBLOCK)  # fmt: skip
         else:
             p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                                 blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
