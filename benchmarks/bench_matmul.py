@@ -67,9 +67,9 @@ def sweep(out: Path | None, kinds: set[str]) -> None:
     from qtool.quantize import quantize_tensor
 
     product = itertools.product
-    gemv = [("gemv", dict(kernel="gemv", tile=t)) for t in product((4, 8), (256, 512, 1024), (1, 2), (False, True))]
-    mma = [("mma", dict(kernel="mma", tile=t)) for t in product((16, 32, 64), (128, 256, 512), (4,), (1, 2, 3))]
-    mma += [("mma", dict(kernel="mma", tile=t)) for t in [(32, 256, 2, 3), (64, 256, 8, 3), (128, 256, 4, 3)]]
+    gemv = [("gemv", dict(kernel="gemv", tile=t)) for t in product((4, 8), (256, 512), (1, 2))]
+    mma = [("mma", dict(kernel="mma", tile=t)) for t in product((32, 64, 128), (128, 256), (4,), (1, 2, 4, 8, 16))]
+    mma += [("mma", dict(kernel="mma", tile=t)) for t in product((128,), (256,), (8,), (4, 8))]
     dequant = [("dequant+cublas", {})]
     int8_small = [("int8", dict(tile=t)) for t in product((16,), (64, 128), (128, 256), (4,), (4,))]
     int8_large = [("int8", dict(tile=t)) for t in [

@@ -6,10 +6,11 @@ kernels; ``choose`` picks one by the number of rows (M), and every other call is
 - ``gemv`` (M = 1): CUDA cores. Each program streams BLOCK_N rows of packed codes; the even and odd elements of a
   packed byte meet x's even and odd columns, so the codes are never interleaved. The absmax multiplies each block's
   float32 sum of ``quant_map[code] * x`` (one multiply a block, W never rounded to 16-bit: nearer the exact product
-  than the reference). With PREFETCH the next K tile's codes and absmax are loaded before this tile's products, so
-  two tiles are in flight per program.
+  than the reference).
 - ``mma`` (M <= MMA_M): tensor cores. x padded to MMA_M rows is the MMA's A operand; W's tile, dequantized and
   rounded to x's dtype as the reference rounds it, is the B operand (``tl.dot(x_even, W_hi^T)`` plus the odd half).
+  With split-K, SPLIT programs share a column tile's K tiles and a second launch sums their float32 partials in a
+  fixed order (the result does not vary from run to run, as atomics would make it).
 
 With double quant the absmax is rebuilt from its code as ``dequantize_absmax`` does. An earlier tensor-core design
 with W as the A operand (out^T = W x^T) was measured on the H100 and removed: 320-400 us at 1 and 16 rows of
@@ -35,13 +36,16 @@ from ._common import (
 )
 from .double_quant import rebuild_absmax
 
-# gemv: (BLOCK_N, BLOCK_K, warps, prefetch). H100 sweep (bench_matmul.py --sweep, 1 x 4096 -> 14336), without
-# prefetch: BLOCK_N 4, BLOCK_K 256, 1 warp 35.6 us (bnb 29, bf16 42); 8/256/2 warps 36.2 us; a software-pipelined K
-# loop (num_stages 2-3) 270-620 us.
-GEMV_TILE = (16, 256, 1, True) if INTERPRETING else (4, 256, 1, True)
-# mma: (BLOCK_N, BLOCK_K, warps, stages); x is padded to MMA_M rows (tl.dot's least M).
-MMA_TILE = (16, 128, 4, 1) if INTERPRETING else (32, 256, 4, 3)
+# gemv: (BLOCK_N, BLOCK_K, warps). H100 sweep (bench_matmul.py --sweep, 1 x 4096 -> 14336): 4/256/1 34.3 us (bnb 29,
+# bf16 42); 8/256/2 35.4 us; loading the next K tile before this one's products (a register prefetch) 50-86 us; a
+# software-pipelined K loop (num_stages 2-3) 270-620 us.
+GEMV_TILE = (16, 256, 1) if INTERPRETING else (4, 256, 1)
+# mma: (BLOCK_N, BLOCK_K, warps, split-K); x is padded to MMA_M rows (tl.dot's least M). H100 sweep at 16 x 4096 ->
+# 14336 without split-K: 64/256/4 104 us, 32/256/4 145 us (x is re-read per program); num_stages 2-3 (Triton's
+# software pipelining) 4x slower.
+MMA_TILE = (16, 128, 4, 2) if INTERPRETING else (64, 256, 4, 8)
 MMA_M = 16
+SUM_BLOCK = 1024
 KERNELS = ("gemv", "mma")
 
 
@@ -92,7 +96,6 @@ def _w4a16_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
-    PREFETCH: tl.constexpr,
 ):
     # One x row per program axis 1. The tile is [BLOCK_N, BLOCK_K / QBLOCK, QBLOCK / 2] bytes so each block's absmax
     # is loaded once.
@@ -104,19 +107,9 @@ def _w4a16_gemv_kernel(
     offs_j = tl.arange(0, QBLOCK // 2)
     blk0 = (offs_n[:, None] * K) // QBLOCK + offs_b[None, :]  # [BLOCK_N, BLOCK_K / QBLOCK], K tile 0
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if PREFETCH:
-        p_next, a_next = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk0,
-                                      offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
-        if PREFETCH:
-            p, a = p_next, a_next
-            ahead = mask & (k0 + BLOCK_K + offs_b[None, :] * QBLOCK < K)  # the next K tile, where there is one
-            blk = blk0 + (k0 + BLOCK_K) // QBLOCK
-            p_next, a_next = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk,
-                                          offs_j, ahead, QBLOCK, NESTED, NBLOCK)  # fmt: skip
-        else:
-            p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
-                                blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
+        p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr, blk0 + k0 // QBLOCK,
+                            offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
         cols = k0 + offs_b[:, None] * QBLOCK + 2 * offs_j[None, :]  # [BLOCK_K / QBLOCK, QBLOCK / 2]
         x_even = tl.load(x_ptr + row * stride_xm + cols).to(tl.float32)
         x_odd = tl.load(x_ptr + row * stride_xm + cols + 1).to(tl.float32)
@@ -149,7 +142,7 @@ def _w4a16_mma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
-    STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,  # > 1: program (n, s) takes K tiles s, s + SPLIT, ... into float32 partials [SPLIT, M, N]
     BF16_BY_HAND: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -163,7 +156,8 @@ def _w4a16_mma_kernel(
     mask_m = (offs_m < M)[:, None]
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    split = tl.program_id(1)
+    for k0 in range(split * BLOCK_K, K, SPLIT * BLOCK_K):
         p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                             blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
         w_hi = round_16bit(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND)
@@ -172,10 +166,25 @@ def _w4a16_mma_kernel(
         x_odd = tl.load(x_rows + k0 + 1, mask=mask_m, other=0.0)
         acc = tl.dot(x_even, tl.trans(tl.reshape(w_hi, (BLOCK_N, BLOCK_K // 2))), acc)
         acc = tl.dot(x_odd, tl.trans(tl.reshape(w_lo, (BLOCK_N, BLOCK_K // 2))), acc)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    out = out_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
+    # out = sum of the SPLIT float32 partials [SPLIT, M * N] in a fixed order (deterministic), + bias, in out's dtype.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def linear_4bit(
@@ -228,27 +237,34 @@ def linear_4bit(
         nested_args = (absmax, absmax, absmax)  # unused placeholders
     args = (
         x2, packed.reshape(-1).view(torch.uint8), absmax if nested else absmax.to(torch.float32),
-        quant_map.to(torch.float32), *nested_args, bias if bias is not None else out, out, m, n, k, x2.stride(0),
+        quant_map.to(torch.float32), *nested_args, bias if bias is not None else out,
     )  # fmt: skip
     common = dict(QBLOCK=blocksize, NESTED=nested, NBLOCK=NESTED_BLOCKSIZE, HAS_BIAS=bias is not None)
-    block_n, block_k, warps, option = tile
+    block_n, block_k, warps = tile[:3]
     with device_guard(x):
         if kernel == "gemv":
             _w4a16_gemv_kernel[(triton.cdiv(n, block_n), m)](
-                *args, **common, BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=option, **warps_option(warps, warps),
-                **launch_options(),
+                *args, out, m, n, k, x2.stride(0), **common, BLOCK_N=block_n, BLOCK_K=block_k,
+                **warps_option(warps, warps), **launch_options(),
             )  # fmt: skip
         else:
-            _w4a16_mma_kernel[(triton.cdiv(n, block_n),)](
-                *args, **common, BLOCK_M=MMA_M, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=option,
-                BF16_BY_HAND=by_hand, **warps_option(warps, warps), **launch_options(),
+            split = max(1, min(tile[3], k // block_k))
+            part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+            _w4a16_mma_kernel[(triton.cdiv(n, block_n), split)](
+                *args, part, m, n, k, x2.stride(0), **common, BLOCK_M=MMA_M, BLOCK_N=block_n, BLOCK_K=block_k,
+                SPLIT=split, BF16_BY_HAND=by_hand, **warps_option(warps, warps), **launch_options(),
             )  # fmt: skip
+            if split > 1:
+                _split_sum_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
+                    part, bias if bias is not None else out, out, m * n, n, SPLIT=split, HAS_BIAS=bias is not None,
+                    BLOCK=SUM_BLOCK, **launch_options(),
+                )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def _tile(kernel: str, tile: tuple | None, blocksize: int) -> tuple:
-    block_n, block_k, warps, option = tile or (GEMV_TILE if kernel == "gemv" else MMA_TILE)
-    return block_n, max(block_k, blocksize), warps, option
+    block_n, block_k, *rest = tile or (GEMV_TILE if kernel == "gemv" else MMA_TILE)
+    return block_n, max(block_k, blocksize), *rest
 
 
 def _fits(kernel: str, m: int, k: int, blocksize: int, tile: tuple) -> bool:

@@ -1,7 +1,8 @@
 """Run a quantized Linear: ``y = x W^T + b`` with W stored in bitsandbytes' 4-bit or 8-bit format, without bnb.
 
-``linear_4bit`` and ``linear_8bit`` are PyTorch custom ops (``torch.ops.qtool.*``), so ``torch.compile`` sees one
-opaque call per layer instead of tracing a kernel launcher (no graph break). Their reference is dequantize, then
+``linear_4bit`` and ``linear_8bit`` are PyTorch custom ops (``torch.ops.qtool.*``) under ``torch.compile``, which so
+sees one opaque call per layer instead of tracing a kernel launcher (no graph break); eager calls skip the op's
+dispatch, which on the H100 host cost more than the launch itself. Their reference is dequantize, then
 ``F.linear`` in the activation's dtype for 4-bit, LLM.int8's math for 8-bit (``linear_4bit_ref`` / ``linear_8bit_ref``:
 the CPU path and the oracle); on CUDA tensors they dispatch to the Triton kernels in ``qtool.kernels.matmul_4bit``
 (where ``matmul_4bit.choose`` takes the shape; the fused Triton dequantize + cuBLAS otherwise) and
@@ -33,7 +34,7 @@ def _dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map,
     from qtool.quantize import _ops, resolve_backend
 
     nested = {}
-    if nested_absmax.numel():
+    if nested_absmax is not None:
         nested = {
             "nested_absmax": nested_absmax,
             "nested_quant_map": nested_quant_map,
@@ -63,9 +64,8 @@ def linear_4bit_ref(
     the same: dequantize to the compute dtype, then a dense matmul). Entries as ``quantize.dequantize_tensor`` reads
     them; ``nested_offset`` a float32 0-d or [1] tensor."""
     w = _dequantize_4bit(
-        packed, absmax, quant_map, _none(nested_absmax, absmax), _none(nested_quant_map, absmax),
-        _none(nested_offset, absmax), blocksize, shape, x.dtype,
-    )  # fmt: skip
+        packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize, shape, x.dtype
+    )
     return F.linear(x, w, bias)
 
 
@@ -142,6 +142,24 @@ def linear_8bit_ref(
     return out.reshape(*x.shape[:-1], weight_int8.shape[0])
 
 
+def _linear_4bit_impl(x, packed, absmax, quant_map, bias, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                      n, k) -> torch.Tensor:  # fmt: skip
+    # The op's body, with None for absent tensors. Eager calls come here directly: the custom op's dispatch costs
+    # more host time than the kernel launch (it exists for torch.compile, which must not trace the launcher).
+    if x.is_cuda:
+        from qtool.kernels import matmul_4bit
+
+        kernel = matmul_4bit.choose(x, n, k, blocksize)
+        if kernel:
+            return matmul_4bit.linear_4bit(
+                x, packed, absmax, quant_map, bias, blocksize=blocksize, shape=(n, k), nested_absmax=nested_absmax,
+                nested_quant_map=nested_quant_map, nested_offset=nested_offset, kernel=kernel,
+            )  # fmt: skip
+    w = _dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
+                         (n, k), x.dtype)  # fmt: skip
+    return F.linear(x, w, bias)
+
+
 @torch.library.custom_op("qtool::linear_4bit", mutates_args=())
 def _linear_4bit_op(
     x: torch.Tensor,
@@ -157,24 +175,24 @@ def _linear_4bit_op(
     k: int,
 ) -> torch.Tensor:
     nested = nested_absmax.numel() > 0
-    if x.is_cuda:
-        from qtool.kernels import matmul_4bit
-
-        kernel = matmul_4bit.choose(x, n, k, blocksize)
-        if kernel:
-            return matmul_4bit.linear_4bit(
-                x, packed, absmax, quant_map, bias if bias.numel() else None, blocksize=blocksize, shape=(n, k),
-                nested_absmax=nested_absmax if nested else None, nested_quant_map=nested_quant_map if nested else None,
-                nested_offset=nested_offset if nested else None, kernel=kernel,
-            )  # fmt: skip
-    w = _dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
-                         (n, k), x.dtype)  # fmt: skip
-    return F.linear(x, w, bias if bias.numel() else None)
+    return _linear_4bit_impl(
+        x, packed, absmax, quant_map, bias if bias.numel() else None, nested_absmax if nested else None,
+        nested_quant_map if nested else None, nested_offset if nested else None, blocksize, n, k,
+    )  # fmt: skip
 
 
 @_linear_4bit_op.register_fake
 def _(x, packed, absmax, quant_map, bias, nested_absmax, nested_quant_map, nested_offset, blocksize, n, k):
     return x.new_empty((*x.shape[:-1], n))
+
+
+def _linear_8bit_impl(x, weight_int8, SCB, bias, threshold: float | None) -> torch.Tensor:  # noqa: N803
+    # As _linear_4bit_impl: the op's body, called directly in eager mode.
+    if x.is_cuda and threshold is not None and x.dtype in (torch.bfloat16, torch.float16) and x.numel():
+        from qtool.kernels import matmul_8bit
+
+        return matmul_8bit.linear_8bit(x, weight_int8, SCB, bias, threshold=threshold)
+    return linear_8bit_ref(x, weight_int8, SCB, bias, threshold=threshold)
 
 
 @torch.library.custom_op("qtool::linear_8bit", mutates_args=())
@@ -186,12 +204,7 @@ def _linear_8bit_op(
     threshold: float,
 ) -> torch.Tensor:
     # threshold < 0 stands for None (weight-only): the op's schema takes a plain float.
-    b = bias if bias.numel() else None
-    if x.is_cuda and threshold >= 0 and x.dtype in (torch.bfloat16, torch.float16) and x.numel():
-        from qtool.kernels import matmul_8bit
-
-        return matmul_8bit.linear_8bit(x, weight_int8, SCB, b, threshold=threshold)
-    return linear_8bit_ref(x, weight_int8, SCB, b, threshold=threshold if threshold >= 0 else None)
+    return _linear_8bit_impl(x, weight_int8, SCB, bias if bias.numel() else None, threshold if threshold >= 0 else None)
 
 
 @_linear_8bit_op.register_fake
@@ -212,10 +225,15 @@ def linear_4bit(
     nested_quant_map: torch.Tensor | None = None,
     nested_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``linear_4bit_ref``'s result through the custom op ``torch.ops.qtool.linear_4bit`` (Triton on CUDA)."""
+    """``linear_4bit_ref``'s result (Triton on CUDA); under ``torch.compile``, through the custom op
+    ``torch.ops.qtool.linear_4bit``."""
     n, k = shape
     if x.shape[-1] != k or math.prod(shape) != packed.numel() * 2 - (math.prod(shape) % 2):
         raise ValueError(f"x {tuple(x.shape)} and a weight of shape {tuple(shape)} do not match")
+    if not torch.compiler.is_compiling():
+        return _linear_4bit_impl(
+            x, packed, absmax, quant_map, bias, nested_absmax, nested_quant_map, nested_offset, blocksize, n, k
+        )
     return _linear_4bit_op(
         x, packed, absmax, quant_map, _none(bias, x), _none(nested_absmax, absmax), _none(nested_quant_map, absmax),
         _none(nested_offset, absmax).reshape(-1).to(torch.float32), blocksize, n, k,
@@ -230,10 +248,13 @@ def linear_8bit(
     *,
     threshold: float | None = DEFAULT_THRESHOLD,
 ) -> torch.Tensor:
-    """``linear_8bit_ref``'s result through the custom op ``torch.ops.qtool.linear_8bit``."""
+    """``linear_8bit_ref``'s result (Triton on CUDA); under ``torch.compile``, through the custom op
+    ``torch.ops.qtool.linear_8bit``."""
     if x.shape[-1] != weight_int8.shape[1]:
         raise ValueError(f"x {tuple(x.shape)} and an int8 weight {tuple(weight_int8.shape)} do not match")
     check_threshold(threshold)
+    if not torch.compiler.is_compiling():
+        return _linear_8bit_impl(x, weight_int8, SCB, bias, None if threshold is None else float(threshold))
     return _linear_8bit_op(x, weight_int8, SCB, _none(bias, x), -1.0 if threshold is None else float(threshold))
 
 

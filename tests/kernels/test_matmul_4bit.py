@@ -20,11 +20,11 @@ CASES = [
     (2, 40, 1024, True, 64, True),
     (4, 33, 768, False, 128, True),
 ]
-# Each kernel at its default tile, and the CUDA-core kernel without its prefetch.
+# Each kernel at its default tile, and the tensor-core one without split-K (one launch, no partials).
 VARIANTS = {
     "gemv": {"kernel": "gemv"},
-    "gemv-no-prefetch": {"kernel": "gemv", "tile": (*matmul_4bit.GEMV_TILE[:3], False)},
     "mma": {"kernel": "mma"},
+    "mma-no-split": {"kernel": "mma", "tile": (*matmul_4bit.MMA_TILE[:3], 1)},
 }
 
 
@@ -53,7 +53,7 @@ def check_bar(y, x, entries, bias):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kernel_against_the_reference(m, n, k, dq, blocksize, has_bias, variant, device):
     entries, packed, state, nested = layer(n, k, dq, blocksize, device)
-    x = torch.randn(m if variant == "mma" else 1, k).to(torch.bfloat16).to(device)  # gemv takes one row
+    x = torch.randn(1 if variant == "gemv" else m, k).to(torch.bfloat16).to(device)  # gemv takes one row
     bias = torch.randn(n).to(torch.bfloat16).to(device) if has_bias else None
     y = matmul_4bit.linear_4bit(x, packed, state.absmax, state.quant_map, bias, blocksize=blocksize, shape=(n, k),
                                 **VARIANTS[variant], **nested)  # fmt: skip
