@@ -68,8 +68,8 @@ def sweep(out: Path | None, kinds: set[str]) -> None:
 
     product = itertools.product
     gemv = [("gemv", dict(kernel="gemv", tile=t)) for t in product((4, 8), (256, 512), (1, 2))]
-    mma = [("mma", dict(kernel="mma", tile=t)) for t in product((32, 64, 128), (128, 256), (4,), (1, 2, 4, 8, 16))]
-    mma += [("mma", dict(kernel="mma", tile=t)) for t in product((128,), (256,), (8,), (4, 8))]
+    mma = [("mma", dict(kernel="mma", tile=t)) for t in product((64, 128), (256,), (4,), (1, 2, 4, 8))]
+    mma += [("mma", dict(kernel="mma", tile=t)) for t in [(32, 256, 4, 8), (64, 128, 4, 8), (128, 256, 8, 4)]]
     dequant = [("dequant+cublas", {})]
     int8_small = [("int8", dict(tile=t)) for t in product((16,), (64, 128), (128, 256), (4,), (4,))]
     int8_large = [("int8", dict(tile=t)) for t in [

@@ -45,6 +45,8 @@ GEMV_TILE = (16, 256, 1) if INTERPRETING else (4, 256, 1)
 # software pipelining) 4x slower.
 MMA_TILE = (16, 128, 4, 2) if INTERPRETING else (64, 256, 4, 8)
 MMA_M = 16
+# choose() sends 2..MMA_MAX_M rows to the mma kernel (more go to dequantize + cuBLAS).
+MMA_MAX_M = 16
 SUM_BLOCK = 1024
 KERNELS = ("gemv", "mma")
 
@@ -57,7 +59,7 @@ def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> str | None:
     if x.dtype not in (torch.bfloat16, torch.float16) or n <= 0:
         return None
     for kernel in KERNELS:
-        if _fits(kernel, m, k, blocksize, _tile(kernel, None, blocksize)):
+        if _fits(kernel, m, k, blocksize, _tile(kernel, None, blocksize)) and (kernel == "gemv" or m <= MMA_MAX_M):
             return kernel
     return None
 
@@ -157,7 +159,7 @@ def _w4a16_mma_kernel(
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     split = tl.program_id(1)
-    for k0 in range(split * BLOCK_K, K, SPLIT * BLOCK_K):
+    for k0 in tl.range(split * BLOCK_K, K, SPLIT * BLOCK_K, num_stages=1):  # pipelined (2-3 stages): 4x slower
         p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                             blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
         w_hi = round_16bit(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND)
