@@ -522,7 +522,9 @@ def ratio_rows(rows: list[dict], done: dict[str, list[dict]]) -> list[dict]:
 
     def find(variant: str, like: dict, metric: str) -> float | None:
         for r in done.get(variant, []):
-            if (r["op"], r["shape"], r["notes"], r["metric"]) == (like["op"], like["shape"], like["notes"], metric):
+            # a child stopped at its limit leaves an error row without notes
+            key = (r["op"], r["shape"], r.get("notes", ""), r["metric"])
+            if key == (like["op"], like["shape"], like["notes"], metric):
                 return float(r["median"])
         return None
 

@@ -40,10 +40,11 @@ from .double_quant import rebuild_absmax
 # bf16 42); 8/256/2 35.4 us; loading the next K tile before this one's products (a register prefetch) 50-86 us; a
 # software-pipelined K loop (num_stages 2-3) 270-620 us.
 GEMV_TILE = (16, 256, 1) if INTERPRETING else (4, 256, 1)
-# mma: (BLOCK_N, BLOCK_K, warps, split-K); x is padded to MMA_M rows (tl.dot's least M). H100 sweep at 16 x 4096 ->
-# 14336 without split-K: 64/256/4 104 us, 32/256/4 145 us (x is re-read per program); num_stages 2-3 (Triton's
-# software pipelining) 4x slower.
-MMA_TILE = (16, 128, 4, 2) if INTERPRETING else (64, 256, 4, 8)
+# mma: (BLOCK_N, BLOCK_K, warps, split-K); x is padded to MMA_M rows (tl.dot's least M). H100 sweep, 4096 -> 14336
+# (benchmarks/results/tuning/matmul_sweep_ca699ee.csv): at 16 rows 128/256/8 warps/split 4 94.6 us, 64/256/4/1
+# 104 us, 32/256/4/1 145 us (x is re-read per program); at 4 rows 64/256/4/8 71 us; dequantize + cuBLAS 108 us,
+# bnb 67, bf16 42. Triton's software pipelining (num_stages 2-3) is 3-4x slower.
+MMA_TILE = (16, 128, 4, 2) if INTERPRETING else (128, 256, 8, 4)
 MMA_M = 16
 # choose() sends 2..MMA_MAX_M rows to the mma kernel (more go to dequantize + cuBLAS).
 MMA_MAX_M = 16

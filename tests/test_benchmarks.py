@@ -259,3 +259,21 @@ def test_flux_table_shows_the_latest_run_and_the_targets(tmp_path):
     assert "fullgraph=False; step: Unsupported: a \\| b" in lines["bnb-nf4", "yes"]
     assert list(lines) == [("bf16", "no"), ("bnb-nf4", "no"), ("bnb-nf4", "yes"), ("qtool-nf4", "no"),
                            ("qtool-nf4", "yes"), ("qtool-int8", "no")]  # fmt: skip
+
+
+def test_flux_ratios_skip_a_stopped_childs_error_row():
+    """A child stopped at its time limit leaves an error row without notes in the bf16 rows; the next variant's
+    ratios must still be found (a KeyError here once lost a whole H100 run's later variants)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import _results
+        import bench_flux
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    bf16 = [
+        _results.row("run", "bf16", "s", "error", "text", "child stopped after 45 s (--time-budget)"),
+        _results.row("step", "bf16", "s", "time", "ms", 180.0, notes="eager"),
+    ]
+    rows = [_results.row("step", "bnb-nf4", "s", "time", "ms", 198.0, notes="eager")]
+    (ratio,) = bench_flux.ratio_rows(rows, {"bf16": bf16})
+    assert (ratio["metric"], ratio["median"], ratio["notes"]) == ("time_vs_bf16", 1.1, "eager")
