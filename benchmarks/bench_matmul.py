@@ -56,8 +56,9 @@ def bench(fn) -> tuple[float, float]:
 
 def sweep(out: Path | None, kinds: set[str]) -> None:
     """Time the kernels' tile configurations (the defaults' source): kernels.matmul_4bit's gemv at one row and its
-    mma at 1, 4 and 16 rows (beside dequantize + cuBLAS), kernels.matmul_8bit (threshold 6) at 16 and 4608 rows.
-    ``kinds``: which of gemv, mma, int8. The fastest per case are printed; all go to ``out``."""
+    mma at 1, 4 and 16 rows and, as mma-large, 4608 (beside dequantize + cuBLAS), kernels.matmul_8bit (threshold 6)
+    at 16 and 4608 rows.
+    ``kinds``: which of gemv, mma, mma-large, int8. The fastest per case are printed; all go to ``out``."""
     import csv
     import itertools
 
@@ -70,6 +71,10 @@ def sweep(out: Path | None, kinds: set[str]) -> None:
     gemv = [("gemv", dict(kernel="gemv", tile=t)) for t in product((4, 8), (256, 512), (1, 2))]
     mma = [("mma", dict(kernel="mma", tile=t)) for t in product((64, 128), (256,), (4,), (1, 2, 4, 8))]
     mma += [("mma", dict(kernel="mma", tile=t)) for t in [(32, 256, 4, 8), (64, 128, 4, 8), (128, 256, 8, 4)]]
+    # (BLOCK_N, BLOCK_K, warps, split, BLOCK_M, num_stages): the mma kernel as a fused GEMM for FLUX's token counts
+    mma_large = [("mma-large", dict(kernel="mma", tile=t)) for t in [
+        (128, 64, 8, 1, 128, 1), (128, 64, 8, 1, 128, 3), (128, 128, 8, 1, 128, 1), (128, 128, 8, 1, 128, 3),
+        (256, 64, 8, 1, 128, 3), (128, 64, 8, 1, 256, 3), (128, 64, 4, 1, 64, 3)]]  # fmt: skip
     dequant = [("dequant+cublas", {})]
     int8_small = [("int8", dict(tile=t)) for t in product((16,), (64, 128), (128, 256), (4,), (4,))]
     int8_large = [("int8", dict(tile=t)) for t in [
@@ -79,12 +84,12 @@ def sweep(out: Path | None, kinds: set[str]) -> None:
         ((1, 4096, 14336), gemv + mma),
         ((4, 4096, 14336), mma + dequant),
         ((16, 4096, 14336), mma + dequant + int8_small),
-        ((4608, 3072, 12288), int8_large),
+        ((4608, 3072, 12288), int8_large + mma_large + dequant),
         ((4608, 12288, 3072), int8_large[:4]),
     ]
     records = []
     for (m, k, n), configs in plan:
-        configs = [c for c in configs if c[0] in kinds or (c[0] == "dequant+cublas" and "mma" in kinds)]
+        configs = [c for c in configs if c[0] in kinds or (c[0] == "dequant+cublas" and kinds & {"mma", "mma-large"})]
         if not configs:
             continue
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -107,7 +112,7 @@ def sweep(out: Path | None, kinds: set[str]) -> None:
             records.append({"shape": f"M={m} {k}->{n}", "kind": kind, "opts": repr(opts), "us": round(t, 2)})
         for t, kind, opts in sorted(results, key=lambda r: r[0])[:8]:
             print(f"M={m} {k}->{n}: {t:9.2f} us  {kind} {opts}", flush=True)
-        for kind in ("gemv", "mma", "dequant+cublas", "int8"):
+        for kind in ("gemv", "mma", "mma-large", "dequant+cublas", "int8"):
             best = min((r for r in results if r[1] == kind), key=lambda r: r[0], default=None)
             if best:
                 print(f"M={m} {k}->{n}: best {kind}: {best[0]:.2f} us {best[2]}", flush=True)
@@ -138,7 +143,7 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time the kernels' tile configurations and stop")
     parser.add_argument("--sweep-out", type=Path, default=None, help="CSV for every configuration --sweep times")
-    parser.add_argument("--sweep-kinds", default="gemv,mma,int8", help="the kernels --sweep times")
+    parser.add_argument("--sweep-kinds", default="gemv,mma,int8", help="the kernels --sweep times (or mma-large)")
     args = parser.parse_args()
     if args.sweep:
         return sweep(args.sweep_out, set(args.sweep_kinds.split(",")))

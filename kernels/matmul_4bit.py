@@ -7,8 +7,9 @@ kernels; ``choose`` picks one by the number of rows (M), and every other call is
   packed byte meet x's even and odd columns, so the codes are never interleaved. The absmax multiplies each block's
   float32 sum of ``quant_map[code] * x`` (one multiply a block, W never rounded to 16-bit: nearer the exact product
   than the reference).
-- ``mma`` (M <= MMA_M): tensor cores. x padded to MMA_M rows is the MMA's A operand; W's tile, dequantized and
-  rounded to x's dtype as the reference rounds it, is the B operand (``tl.dot(x_even, W_hi^T)`` plus the odd half).
+- ``mma`` (any M; dispatched for 2..MMA_MAX_M): tensor cores. x's tile of BLOCK_M rows (MMA_M by default, padded)
+  is the MMA's A operand; W's tile, dequantized and rounded to x's dtype as the reference rounds it, is the B
+  operand (``tl.dot(x_even, W_hi^T)`` plus the odd half).
   With split-K, SPLIT programs share a column tile's K tiles and a second launch sums their float32 partials in a
   fixed order (the result does not vary from run to run, as atomics would make it).
 
@@ -40,10 +41,10 @@ from .double_quant import rebuild_absmax
 # bf16 42); 8/256/2 35.4 us; loading the next K tile before this one's products (a register prefetch) 50-86 us; a
 # software-pipelined K loop (num_stages 2-3) 270-620 us.
 GEMV_TILE = (16, 256, 1) if INTERPRETING else (4, 256, 1)
-# mma: (BLOCK_N, BLOCK_K, warps, split-K); x is padded to MMA_M rows (tl.dot's least M). H100 sweep, 4096 -> 14336
-# (benchmarks/results/tuning/matmul_sweep_ca699ee.csv): at 16 rows 128/256/8 warps/split 4 94.6 us, 64/256/4/1
-# 104 us, 32/256/4/1 145 us (x is re-read per program); at 4 rows 64/256/4/8 71 us; dequantize + cuBLAS 108 us,
-# bnb 67, bf16 42. Triton's software pipelining (num_stages 2-3) is 3-4x slower.
+# mma: (BLOCK_N, BLOCK_K, warps, split-K[, BLOCK_M, num_stages]); BLOCK_M is MMA_M (tl.dot's least M) unless given.
+# H100 sweep, 4096 -> 14336 (benchmarks/results/tuning/matmul_sweep_ca699ee.csv): at 16 rows 128/256/8 warps/split
+# 4 94.6 us, 64/256/4/1 104 us, 32/256/4/1 145 us (x is re-read per program); at 4 rows 64/256/4/8 71 us;
+# dequantize + cuBLAS 108 us, bnb 67, bf16 42. Triton's software pipelining (num_stages 2-3) is 3-4x slower.
 MMA_TILE = (16, 128, 4, 2) if INTERPRETING else (128, 256, 8, 4)
 MMA_M = 16
 # choose() sends 2..MMA_MAX_M rows to the mma kernel (more go to dequantize + cuBLAS).
@@ -54,7 +55,7 @@ KERNELS = ("gemv", "mma")
 
 def choose(x: torch.Tensor, n: int, k: int, blocksize: int = 64) -> str | None:
     """The kernel ``qtool.linear`` calls for x [..., K] against an [N, K] weight: "gemv" for one row of 16-bit x,
-    "mma" for up to MMA_M rows, K in whole K tiles of either; None where dequantize + cuBLAS is faster on the H100
+    "mma" for up to MMA_MAX_M rows, K in whole K tiles of either; None where dequantize + cuBLAS is faster on the H100
     (or the only path)."""
     m = x.numel() // max(k, 1)
     if x.dtype not in (torch.bfloat16, torch.float16) or n <= 0:
@@ -125,7 +126,7 @@ def _w4a16_gemv_kernel(
 
 @triton.jit
 def _w4a16_mma_kernel(
-    x_ptr,  # *bf16|fp16 [M, K], M <= BLOCK_M
+    x_ptr,  # *bf16|fp16 [M, K]
     packed_ptr,
     absmax_ptr,
     qmap_ptr,
@@ -146,12 +147,13 @@ def _w4a16_mma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # a multiple of QBLOCK; K must be a multiple of BLOCK_K
     SPLIT: tl.constexpr,  # > 1: program (n, s) takes K tiles s, s + SPLIT, ... into float32 partials [SPLIT, M, N]
+    STAGES: tl.constexpr,
     BF16_BY_HAND: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_n < N)[:, None]
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(2).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_b = tl.arange(0, BLOCK_K // QBLOCK)
     offs_j = tl.arange(0, QBLOCK // 2)
     blk0 = (offs_n[:, None] * K) // QBLOCK + offs_b[None, :]
@@ -160,7 +162,7 @@ def _w4a16_mma_kernel(
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     split = tl.program_id(1)
-    for k0 in tl.range(split * BLOCK_K, K, SPLIT * BLOCK_K, num_stages=1):  # pipelined (2-3 stages): 4x slower
+    for k0 in tl.range(split * BLOCK_K, K, SPLIT * BLOCK_K, num_stages=STAGES):  # 2-3 stages: 4x slower at M <= 16
         p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                             blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
         w_hi = round_16bit(tl.load(qmap_ptr + (p >> 4)) * a[:, :, None], dtype, BF16_BY_HAND)
@@ -206,7 +208,7 @@ def linear_4bit(
     tile: tuple | None = None,
 ) -> torch.Tensor:
     """Triton twin of ``qtool.linear.linear_4bit_ref`` for a few rows of 16-bit x: [..., K] -> [..., N] in x's
-    dtype. ``kernel``: "gemv" (one row) or "mma" (up to MMA_M rows), by default ``choose``'s; ``tile``: that
+    dtype. ``kernel``: "gemv" (one row) or "mma" (any rows), by default ``choose``'s; ``tile``: that
     kernel's (GEMV_TILE / MMA_TILE). Never waits for the GPU."""
     n, k = shape
     m = x.numel() // max(k, 1)
@@ -215,9 +217,9 @@ def linear_4bit(
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     tile = _tile(kernel, tile, blocksize)
     if x.dtype not in (torch.bfloat16, torch.float16) or not _fits(kernel, m, k, blocksize, tile):
-        most = 1 if kernel == "gemv" else MMA_M
+        rows = "one row" if kernel == "gemv" else "rows"
         raise ValueError(
-            f"linear_4bit's {kernel} kernel takes at most {most} rows of 16-bit x and K in whole {tile[1]} tiles "
+            f"linear_4bit's {kernel} kernel takes {rows} of 16-bit x and K in whole {tile[1]} tiles "
             f"(a multiple of the blocksize {blocksize}): {tuple(x.shape)} {x.dtype}"
         )
     check_device(x, packed, absmax, quant_map)
@@ -251,11 +253,13 @@ def linear_4bit(
                 **warps_option(warps, warps), **launch_options(),
             )  # fmt: skip
         else:
+            block_m = tile[4] if len(tile) > 4 else MMA_M
+            stages = tile[5] if len(tile) > 5 else 1
             split = max(1, min(tile[3], k // block_k))
             part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-            _w4a16_mma_kernel[(triton.cdiv(n, block_n), split)](
-                *args, part, m, n, k, x2.stride(0), **common, BLOCK_M=MMA_M, BLOCK_N=block_n, BLOCK_K=block_k,
-                SPLIT=split, BF16_BY_HAND=by_hand, **warps_option(warps, warps), **launch_options(),
+            _w4a16_mma_kernel[(triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))](
+                *args, part, m, n, k, x2.stride(0), **common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                SPLIT=split, STAGES=stages, BF16_BY_HAND=by_hand, **warps_option(warps, warps), **launch_options(),
             )  # fmt: skip
             if split > 1:
                 _split_sum_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
@@ -272,4 +276,4 @@ def _tile(kernel: str, tile: tuple | None, blocksize: int) -> tuple:
 
 def _fits(kernel: str, m: int, k: int, blocksize: int, tile: tuple) -> bool:
     block_k = tile[1]
-    return 0 < m <= (1 if kernel == "gemv" else MMA_M) and k % block_k == 0 and block_k % blocksize == 0
+    return 0 < m and (kernel != "gemv" or m == 1) and k % block_k == 0 and block_k % blocksize == 0

@@ -20,12 +20,15 @@ CASES = [
     (2, 40, 1024, True, 64, True),
     (4, 33, 768, False, 128, True),
 ]
-# Each kernel at its default tile, and the tensor-core one without split-K (one launch, no partials).
+# Each kernel at its default tile, the tensor-core one without split-K (one launch, no partials), and with more
+# rows than one M tile holds (the test's rows times 5, in tiles of 16: the grid's M axis).
 VARIANTS = {
     "gemv": {"kernel": "gemv"},
     "mma": {"kernel": "mma"},
     "mma-no-split": {"kernel": "mma", "tile": (*matmul_4bit.MMA_TILE[:3], 1)},
+    "mma-m-tiles": {"kernel": "mma", "tile": (*matmul_4bit.MMA_TILE[:4], 16, 1)},
 }
+ROWS = {"gemv": lambda m: 1, "mma-m-tiles": lambda m: 5 * m}
 
 
 def layer(n, k, dq, blocksize, device):
@@ -53,7 +56,7 @@ def check_bar(y, x, entries, bias):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_kernel_against_the_reference(m, n, k, dq, blocksize, has_bias, variant, device):
     entries, packed, state, nested = layer(n, k, dq, blocksize, device)
-    x = torch.randn(1 if variant == "gemv" else m, k).to(torch.bfloat16).to(device)  # gemv takes one row
+    x = torch.randn(ROWS.get(variant, lambda m: m)(m), k).to(torch.bfloat16).to(device)  # gemv takes one row
     bias = torch.randn(n).to(torch.bfloat16).to(device) if has_bias else None
     y = matmul_4bit.linear_4bit(x, packed, state.absmax, state.quant_map, bias, blocksize=blocksize, shape=(n, k),
                                 **VARIANTS[variant], **nested)  # fmt: skip
@@ -88,11 +91,12 @@ def test_choose_and_argument_errors(device):
     _, packed, state, _ = layer(8, 64, False, 64, device)
     with pytest.raises(ValueError, match="do not match"):
         linear_4bit(x[:, :32], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 64))
-    with pytest.raises(ValueError, match="gemv kernel takes at most 1 rows"):
+    with pytest.raises(ValueError, match="gemv kernel takes one row"):
         matmul_4bit.linear_4bit(x[:2, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256),
                                 kernel="gemv")  # fmt: skip
-    with pytest.raises(ValueError, match="mma kernel takes at most 16 rows"):
-        matmul_4bit.linear_4bit(x[:, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256))
+    with pytest.raises(ValueError, match="mma kernel takes rows of 16-bit x and K in whole 128 tiles"):
+        matmul_4bit.linear_4bit(x[:2, :192], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 192),
+                                kernel="mma")  # fmt: skip
     with pytest.raises(ValueError, match="kernel must be one of"):
         matmul_4bit.linear_4bit(x[:1, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256),
                                 kernel="wgmma")  # fmt: skip
