@@ -13,9 +13,11 @@ kernels; ``choose`` picks one by the number of rows (M), and every other call is
   With split-K, SPLIT programs share a column tile's K tiles and a second launch sums their float32 partials in a
   fixed order (the result does not vary from run to run, as atomics would make it).
 
-With double quant the absmax is rebuilt from its code as ``dequantize_absmax`` does. An earlier tensor-core design
-with W as the A operand (out^T = W x^T) was measured on the H100 and removed: 320-400 us at 1 and 16 rows of
-4096 -> 14336 and 7.9-8.1 ms at 4608 rows (benchmarks/results/tuning/matmul_sweep_f5d890a.csv).
+With double quant the absmax is rebuilt from its code as ``dequantize_absmax`` does. As a fused-dequantize GEMM for
+FLUX's 4608 rows (BLOCK_M 64-256) this kernel takes 7.5-23 ms on the H100 at 3072 -> 12288, where dequantize +
+cuBLAS takes 0.57 ms (benchmarks/results/tuning/matmul_sweep_c5c167e.csv), so more rows than MMA_MAX_M go there. An
+earlier tensor-core design with W as the A operand (out^T = W x^T) was measured and removed: 320-400 us at 1 and 16
+rows of 4096 -> 14336 and 7.9-8.1 ms at 4608 rows (matmul_sweep_f5d890a.csv).
 """
 
 from __future__ import annotations

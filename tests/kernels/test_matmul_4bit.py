@@ -94,7 +94,8 @@ def test_choose_and_argument_errors(device):
     with pytest.raises(ValueError, match="gemv kernel takes one row"):
         matmul_4bit.linear_4bit(x[:2, :256], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 256),
                                 kernel="gemv")  # fmt: skip
-    with pytest.raises(ValueError, match="mma kernel takes rows of 16-bit x and K in whole 128 tiles"):
+    whole = f"mma kernel takes rows of 16-bit x and K in whole {matmul_4bit.MMA_TILE[1]} tiles"  # the device's tile
+    with pytest.raises(ValueError, match=whole):
         matmul_4bit.linear_4bit(x[:2, :192], packed, state.absmax, state.quant_map, blocksize=64, shape=(8, 192),
                                 kernel="mma")  # fmt: skip
     with pytest.raises(ValueError, match="kernel must be one of"):
