@@ -163,7 +163,7 @@ def _w4a16_mma_kernel(
     mask_m = (offs_m < M)[:, None]
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    split = tl.program_id(1)
+    split = tl.program_id(1).to(tl.int64)
     for k0 in tl.range(split * BLOCK_K, K, SPLIT * BLOCK_K, num_stages=STAGES):  # 2-3 stages: 4x slower at M <= 16
         p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                             blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
@@ -186,9 +186,11 @@ def _split_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr, H
     # out = sum of the SPLIT float32 partials [SPLIT, M * N] in a fixed order (deterministic), + bias, in out's dtype.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    part = part_ptr + offs
+    acc = tl.load(part, mask=mask, other=0.0)
+    for _ in tl.static_range(1, SPLIT):
+        part += MN  # a pointer step: no integer product to overflow
+        acc += tl.load(part, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -209,9 +211,9 @@ def linear_4bit(
     kernel: str | None = None,
     tile: tuple | None = None,
 ) -> torch.Tensor:
-    """Triton twin of ``qtool.linear.linear_4bit_ref`` for a few rows of 16-bit x: [..., K] -> [..., N] in x's
-    dtype. ``kernel``: "gemv" (one row) or "mma" (any rows), by default ``choose``'s; ``tile``: that
-    kernel's (GEMV_TILE / MMA_TILE). Never waits for the GPU."""
+    """Triton twin of ``qtool.linear.linear_4bit_ref`` for 16-bit x: [..., K] -> [..., N] in x's dtype. ``kernel``:
+    "gemv" (one row) or "mma" (any rows), by default ``choose``'s; ``tile``: that kernel's (GEMV_TILE / MMA_TILE).
+    Never waits for the GPU."""
     n, k = shape
     m = x.numel() // max(k, 1)
     kernel = kernel or choose(x, n, k, blocksize) or "mma"

@@ -1,8 +1,8 @@
 """Run a quantized Linear: ``y = x W^T + b`` with W stored in bitsandbytes' 4-bit or 8-bit format, without bnb.
 
-``linear_4bit`` and ``linear_8bit`` are PyTorch custom ops (``torch.ops.qtool.*``) under ``torch.compile``, which so
-sees one opaque call per layer instead of tracing a kernel launcher (no graph break); eager calls skip the op's
-dispatch, which on the H100 host cost more than the launch itself. Their reference is dequantize, then
+Under ``torch.compile``, ``linear_4bit`` and ``linear_8bit`` call PyTorch custom ops (``torch.ops.qtool.*``), so the
+compiler sees one opaque call per layer instead of tracing a kernel launcher (no graph break); eager calls skip the
+op's dispatch, which on the H100's host cost more than the launch itself. Their reference is dequantize, then
 ``F.linear`` in the activation's dtype for 4-bit, LLM.int8's math for 8-bit (``linear_4bit_ref`` / ``linear_8bit_ref``:
 the CPU path and the oracle); on CUDA tensors they dispatch to the Triton kernels in ``qtool.kernels.matmul_4bit``
 (where ``matmul_4bit.choose`` takes the shape; the fused Triton dequantize + cuBLAS otherwise) and
