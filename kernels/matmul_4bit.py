@@ -163,7 +163,7 @@ def _w4a16_mma_kernel(
     mask_m = (offs_m < M)[:, None]
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    split = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
     for k0 in tl.range(split * BLOCK_K, K, SPLIT * BLOCK_K, num_stages=STAGES):  # 2-3 stages: 4x slower at M <= 16
         p, a = _load_blocks(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_map_ptr, offset_ptr,
                             blk0 + k0 // QBLOCK, offs_j, mask, QBLOCK, NESTED, NBLOCK)  # fmt: skip
@@ -186,11 +186,9 @@ def _split_sum_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT: tl.constexpr, H
     # out = sum of the SPLIT float32 partials [SPLIT, M * N] in a fixed order (deterministic), + bias, in out's dtype.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    part = part_ptr + offs
-    acc = tl.load(part, mask=mask, other=0.0)
-    for _ in tl.static_range(1, SPLIT):
-        part += MN  # a pointer step: no integer product to overflow
-        acc += tl.load(part, mask=mask, other=0.0)
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -260,6 +258,8 @@ def linear_4bit(
             block_m = tile[4] if len(tile) > 4 else MMA_M
             stages = tile[5] if len(tile) > 5 else 1
             split = max(1, min(tile[3], k // block_k))
+            if split * m * n >= 2**31:  # the kernels index the partials [split, M, N] in int32
+                split = 1
             part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
             _w4a16_mma_kernel[(triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))](
                 *args, part, m, n, k, x2.stride(0), **common, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
