@@ -223,30 +223,9 @@ def _parameters_on_meta():
 
 def _empty_model(library: str, class_name: str, folder: Path):
     """The model class built from config.json without its quantization_config, parameters on meta."""
-    from qtool.plan import _unknown_class
+    from qtool.plan import build_model
 
-    if library == "diffusers":
-        import diffusers
-
-        cls = getattr(diffusers, class_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
-            names = [n for n in dir(diffusers) if n[:1].isupper()]
-            raise _unknown_class(library, diffusers.__version__, class_name, names, folder)
-        config = dict(cls.load_config(folder))
-        config.pop("quantization_config", None)
-        with _parameters_on_meta():
-            return cls.from_config(config)
-    import transformers
-
-    cls = getattr(transformers, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        names = [n for n in dir(transformers) if n[:1].isupper()]
-        raise _unknown_class(library, transformers.__version__, class_name, names, folder)
-    config = transformers.AutoConfig.from_pretrained(folder)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with _parameters_on_meta():
-        return cls(config)
+    return build_model(library, class_name, folder, _parameters_on_meta(), without_quantization_config=True)
 
 
 def _keep_in_fp32(model, library: str, dtype: torch.dtype | None):

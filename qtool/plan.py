@@ -224,6 +224,13 @@ def build_meta_model(library: str, class_name: str, folder: Path):
     """The model class instantiated on the meta device from the folder's config: structure only, no memory."""
     import torch
 
+    return build_model(library, class_name, folder, torch.device("meta"))
+
+
+def build_model(library: str, class_name: str, folder: Path, init, *, without_quantization_config: bool = False):
+    """The diffusers / transformers class ``class_name`` (QtoolError if the library has no such model class), built
+    from the folder's config.json inside the context manager ``init`` (a device, or one that puts only parameters on
+    meta); ``without_quantization_config``: built as if the config had none, so no quantizer is asked for."""
     if library == "diffusers":
         import diffusers
 
@@ -231,8 +238,12 @@ def build_meta_model(library: str, class_name: str, folder: Path):
         if not (isinstance(cls, type) and issubclass(cls, diffusers.ModelMixin)):
             names = [n for n in dir(diffusers) if n[:1].isupper()]
             raise _unknown_class(library, diffusers.__version__, class_name, names, folder)
-        with torch.device("meta"):
-            return cls.from_config(cls.load_config(folder))
+        config = cls.load_config(folder)
+        if without_quantization_config:
+            config = dict(config)
+            config.pop("quantization_config", None)
+        with init:
+            return cls.from_config(config)
     import transformers
 
     cls = getattr(transformers, class_name, None)
@@ -240,7 +251,9 @@ def build_meta_model(library: str, class_name: str, folder: Path):
         names = [n for n in dir(transformers) if n[:1].isupper()]
         raise _unknown_class(library, transformers.__version__, class_name, names, folder)
     config = transformers.AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
+    if without_quantization_config and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init:
         return cls(config)
 
 
