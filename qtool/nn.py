@@ -75,6 +75,13 @@ class _QuantLinear(nn.Module):
                 self._buffers[name] = old.to(new.device)
         return self
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The bias, then the layer's on-disk entries (``_entries``): what bnb's layers write, under the same names.
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        for name, tensor in self._entries().items():
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
 
 class QuantLinear4bit(_QuantLinear):
     """``y = x W^T + b`` with W [out_features, in_features] stored as bnb NF4/FP4 (optionally double-quantized).
@@ -171,7 +178,7 @@ class QuantLinear4bit(_QuantLinear):
         )  # fmt: skip
         return y.to(in_dtype)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
+    def _entries(self) -> dict[str, torch.Tensor]:
         state = bnb4.QuantState4bit(
             quant_type=self.quant_type,
             blocksize=self.blocksize,
@@ -184,10 +191,7 @@ class QuantLinear4bit(_QuantLinear):
             nested_offset=float(self.nested_offset.item()) if self.double_quant else None,
             nested_blocksize=self.nested_blocksize,
         )
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        for name, tensor in bnb4.encode(self.weight, state).items():
-            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+        return bnb4.encode(self.weight, state)
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
@@ -253,11 +257,8 @@ class QuantLinear8bit(_QuantLinear):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return linear_8bit(x, self.weight, self.SCB, bias, threshold=self.threshold)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
-        for name, tensor in bnb8.encode(self.weight, self.SCB).items():
-            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+    def _entries(self) -> dict[str, torch.Tensor]:
+        return bnb8.encode(self.weight, self.SCB)
 
     def extra_repr(self) -> str:
         math = "weight-only" if self.threshold is None else f"threshold={self.threshold:g}"
