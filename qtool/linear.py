@@ -155,9 +155,10 @@ def _linear_4bit_impl(x, packed, absmax, quant_map, bias, nested_absmax, nested_
                 x, packed, absmax, quant_map, bias, blocksize=blocksize, shape=(n, k), nested_absmax=nested_absmax,
                 nested_quant_map=nested_quant_map, nested_offset=nested_offset, kernel=kernel,
             )  # fmt: skip
-    w = _dequantize_4bit(packed, absmax, quant_map, nested_absmax, nested_quant_map, nested_offset, blocksize,
-                         (n, k), x.dtype)  # fmt: skip
-    return F.linear(x, w, bias)
+    return linear_4bit_ref(
+        x, packed, absmax, quant_map, bias, blocksize=blocksize, shape=(n, k), nested_absmax=nested_absmax,
+        nested_quant_map=nested_quant_map, nested_offset=nested_offset,
+    )  # fmt: skip
 
 
 @torch.library.custom_op("qtool::linear_4bit", mutates_args=())
