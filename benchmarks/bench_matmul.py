@@ -157,7 +157,7 @@ def main() -> None:
 
     from qtool.formats import bnb4
     from qtool.linear import linear_4bit
-    from qtool.quantize import quantize_tensor
+    from qtool.quantize import dequantize_tensor, quantize_tensor
 
     torch.manual_seed(0)
     rows = []
@@ -166,10 +166,10 @@ def main() -> None:
         shape = f"M={m} {k}->{n}"
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-        exact = {}
         for dq in (False, True):
             method = "nf4-dq" if dq else "nf4"
-            packed, state = bnb4.decode(quantize_tensor(w, double_quant=dq))
+            entries = quantize_tensor(w, double_quant=dq)
+            packed, state = bnb4.decode(entries)
             nested = {}
             if dq:
                 nested = {"nested_absmax": state.nested_absmax, "nested_quant_map": state.nested_quant_map,
@@ -178,9 +178,7 @@ def main() -> None:
             w_bnb, s_bnb = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=dq)
             theirs = partial(bnb.matmul_4bit, x, w_bnb.t(), quant_state=s_bnb)
             # The bar: qtool's error against the exact product of the same quantized weight within 2x bf16's own.
-            from qtool.quantize import dequantize_tensor
-
-            wq = dequantize_tensor(quantize_tensor(w, double_quant=dq), dtype=torch.float32)
+            wq = dequantize_tensor(entries, dtype=torch.float32)
             exact = x.double() @ wq.double().t()
             err_ours = (ours().double() - exact).norm().item()
             err_bf16 = (F.linear(x, wq.to(torch.bfloat16)).double() - exact).norm().item()
